@@ -1,0 +1,8 @@
+"""peftkit: parameter-efficient fine-tuning built from scratch in readable PyTorch.
+
+Each technique lives in its own file and needs only torch:
+lora, adapters, prompt_tuning, p_tuning, prefix_tuning, nf4, qlora.
+Loaders (models), data (data), the training loop (train) and saving (io) are separate.
+"""
+
+__version__ = "0.1.0"
