@@ -1,0 +1,294 @@
+"""Bottleneck adapters (Houlsby and Pfeiffer), built from scratch.
+
+Papers: Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP"
+(https://arxiv.org/abs/1902.00751): two adapters per layer, within 0.4% of full fine-tuning
+on GLUE with about 3.6% of the parameters per task. Pfeiffer et al. 2021, "AdapterFusion"
+(https://arxiv.org/abs/2005.00247): one adapter per layer, after the feed-forward block.
+
+Equation: an adapter maps the output h (size d) of a sublayer to
+
+    adapter(h) = h + W_up f(W_down h + b_down) + b_up
+
+with W_down of shape (m, d), W_up of shape (d, m), bottleneck m = d / reduction_factor and f a
+non-linearity. Its own skip connection means that with small weights adapter(h) is close to h,
+so training starts from the pre-trained model's behaviour.
+
+Where (add_adapters wraps the projection whose output is adapted, before the residual add):
+- "houlsby": after the attention output projection and after the feed-forward output
+  projection of every layer; the layer's norms train too, as in the paper.
+- "pfeiffer": after the feed-forward output projection only (AdapterHub's Pfeiffer config also
+  rearranges residual and LayerNorm around it; this keeps the spot of houlsby's second adapter).
+In BERT the adapter sees the projection's output before dropout; in Llama the trained norms are
+the RMSNorms in front of each sublayer, as that architecture has no norm after the residual.
+
+Trained: the adapters (plus the layers' norms for "houlsby", plus any modules_to_save).
+Frozen: everything else. Unlike LoRA, an adapter cannot be merged into the base weights
+(f is non-linear), so it costs a little extra time at inference.
+"""
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+
+NON_LINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "swish": nn.SiLU}
+
+# Where each model family keeps, inside one transformer layer, the two projections an adapter can
+# follow and the norms that "houlsby" trains. A layer is recognised when all four paths exist.
+FAMILIES = {
+    "bert": {"attention": "attention.output.dense", "feed_forward": "output.dense",
+             "norms": ("attention.output.LayerNorm", "output.LayerNorm")},
+    "llama": {"attention": "self_attn.o_proj", "feed_forward": "mlp.down_proj",
+              "norms": ("input_layernorm", "post_attention_layernorm")},
+}
+PLACEMENTS = {
+    "houlsby": {"sublayers": ("attention", "feed_forward"), "train_norms": True},
+    "pfeiffer": {"sublayers": ("feed_forward",), "train_norms": False},
+}
+TECHNIQUE = "bottleneck_adapters"  # tag in the saved file's config, checked on load
+
+
+def _check_reduction_factor(reduction_factor):
+    if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, (int, float)) \
+            or not reduction_factor > 0:
+        raise ValueError(f"reduction_factor must be a positive number (e.g. 16), got {reduction_factor!r}")
+
+
+def bottleneck_size(hidden_size: int, reduction_factor: float) -> int:
+    """m = hidden_size / reduction_factor, which must come out a whole number >= 1."""
+    _check_reduction_factor(reduction_factor)
+    size = hidden_size / reduction_factor
+    if size < 1 or size != int(size):
+        divisors = [k for k in range(1, hidden_size + 1) if hidden_size % k == 0]
+        raise ValueError(
+            f"reduction_factor={reduction_factor} does not divide hidden_size={hidden_size} into a "
+            f"whole, positive bottleneck (got {size:g}); reduction factors that do: {divisors}")
+    return int(size)
+
+
+def _check_choice(what: str, value, valid: dict):
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}; valid ones: {sorted(valid)}")
+
+
+@dataclass
+class AdapterConfig:
+    placement: str = "houlsby"      # "houlsby": after attention and feed-forward; "pfeiffer": feed-forward only
+    reduction_factor: float = 16    # bottleneck size m = hidden_size / reduction_factor
+    non_linearity: str = "relu"     # f between the projections, a key of NON_LINEARITIES
+    init_std: float = 1e-3          # std of the normal init of both weights (biases start at 0)
+    modules_to_save: tuple = ()     # module names (or name endings) that train in full, e.g. ("classifier",)
+
+    def __post_init__(self):
+        _check_choice("adapter config (placement)", self.placement, PLACEMENTS)
+        _check_choice("non_linearity", self.non_linearity, NON_LINEARITIES)
+        _check_reduction_factor(self.reduction_factor)  # whether it divides is checked per hidden size
+        if not isinstance(self.init_std, (int, float)) or not self.init_std > 0:
+            # 0 would zero both weights: f(0) = 0 for relu, so no gradient could reach them.
+            raise ValueError(f"init_std must be a positive number (e.g. 1e-3), got {self.init_std!r}")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = (self.modules_to_save,)
+        self.modules_to_save = tuple(self.modules_to_save)
+
+
+class BottleneckAdapter(nn.Module):
+    """h -> h + adapter_up(f(adapter_down(h))), near the identity at initialisation."""
+
+    def __init__(self, hidden_size: int, reduction_factor: float = 16, non_linearity: str = "relu",
+                 init_std: float = 1e-3):
+        super().__init__()
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        # The config checks these knobs, with the same messages add_adapters gives.
+        AdapterConfig(reduction_factor=reduction_factor, non_linearity=non_linearity, init_std=init_std)
+        self.hidden_size = hidden_size
+        self.bottleneck_size = bottleneck_size(hidden_size, reduction_factor)
+        self.adapter_down = nn.Linear(hidden_size, self.bottleneck_size)
+        self.non_linearity = NON_LINEARITIES[non_linearity]()
+        self.adapter_up = nn.Linear(self.bottleneck_size, hidden_size)
+        # Small weights keep W_up f(W_down h) tiny, so the adapter starts as (almost) the identity;
+        # both are non-zero so that both receive a gradient from the first step.
+        for linear in (self.adapter_down, self.adapter_up):
+            nn.init.normal_(linear.weight, std=init_std)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # The adapter may be kept in float32 under a half-precision or 4-bit model.
+        x = h.to(self.adapter_down.weight.dtype)
+        z = self.adapter_up(self.non_linearity(self.adapter_down(x)))  # (..., d) -> (..., m) -> (..., d)
+        return h + z.to(h.dtype)
+
+
+class AdaptedSublayer(nn.Module):
+    """A frozen sublayer followed by its adapter: forward(x) = adapter(base(x))."""
+
+    def __init__(self, base: nn.Module, adapter: BottleneckAdapter):
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+
+    def forward(self, *args, **kwargs):
+        return self.adapter(self.base(*args, **kwargs))
+
+
+def _get(module: nn.Module, path: str):
+    for part in path.split("."):
+        module = getattr(module, part, None)
+    return module if isinstance(module, nn.Module) else None
+
+
+def find_layers(model: nn.Module) -> tuple[str, list[tuple[str, nn.Module]]]:
+    """(family, [(name, layer), ...]): the transformer layers adapters can be placed in."""
+    for family, parts in FAMILIES.items():
+        paths = (parts["attention"], parts["feed_forward"], *parts["norms"])
+        layers = [(n, m) for n, m in model.named_modules() if all(_get(m, p) is not None for p in paths)]
+        if layers:
+            return family, layers
+    looked_for = "; ".join(
+        f"{family}: a layer with {', '.join((p['attention'], p['feed_forward'], *p['norms']))}"
+        for family, p in FAMILIES.items())
+    raise ValueError(f"cannot place adapters in {type(model).__name__}: found no transformer layer of a "
+                     f"known family. Looked for {looked_for}.")
+
+
+def _adapter_state(model: nn.Module) -> dict:
+    state = model.__dict__.get("_peftkit_adapters")
+    if state is None:
+        raise ValueError(f"{type(model).__name__} has no adapters: call add_adapters(model) first")
+    return state
+
+
+def add_adapters(model: nn.Module, config="houlsby", **overrides) -> nn.Module:
+    """Wrap the chosen projections of every layer with adapters and freeze the rest, in place.
+
+    ``config`` is a placement name ("houlsby" or "pfeiffer") or an AdapterConfig; keyword
+    arguments (reduction_factor, non_linearity, init_std, modules_to_save) override its fields.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"add_adapters needs a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(config, str):
+        config = AdapterConfig(placement=config, **overrides)
+    elif isinstance(config, AdapterConfig):
+        config = replace(config, **overrides)
+    else:
+        raise TypeError(f"config must be one of {sorted(PLACEMENTS)} or an AdapterConfig, got {config!r}")
+    if "_peftkit_adapters" in model.__dict__ or any(isinstance(m, AdaptedSublayer) for m in model.modules()):
+        raise ValueError("this model already has adapters: call remove_adapters(model) before adding again")
+    family, layers = find_layers(model)
+    names = [n for n, _ in model.named_modules()]
+    to_save = {}
+    for target in config.modules_to_save:
+        hits = [n for n in names if n == target or n.endswith("." + target)]
+        if not hits:
+            raise ValueError(f"modules_to_save entry {target!r} matches no module of "
+                             f"{type(model).__name__}; its top-level modules are "
+                             f"{[n for n, _ in model.named_children()]}")
+        to_save.update({n: model.get_submodule(n) for n in hits})
+
+    # Build every wrapper before touching the model, so a bad reduction factor changes nothing.
+    plan = []
+    for _, layer in layers:
+        for sublayer in PLACEMENTS[config.placement]["sublayers"]:
+            path = FAMILIES[family][sublayer]
+            base = _get(layer, path)
+            if not isinstance(getattr(base, "out_features", None), int):
+                raise ValueError(f"{path} is a {type(base).__name__} without an int out_features; "
+                                 f"adapters need it to know the hidden size")
+            adapter = BottleneckAdapter(base.out_features, config.reduction_factor,
+                                        config.non_linearity, config.init_std)
+            weight = getattr(base, "weight", None)
+            if weight is not None:
+                # Same device as the base; same dtype unless the base is quantized (then float32).
+                adapter.to(weight.device, weight.dtype if weight.is_floating_point() else torch.float32)
+            plan.append((layer, path, AdaptedSublayer(base, adapter)))
+
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.requires_grad_(False)
+    for layer, path, wrapped in plan:
+        parent, _, attr = path.rpartition(".")
+        setattr(_get(layer, parent), attr, wrapped)
+        wrapped.adapter.requires_grad_(True)
+    if PLACEMENTS[config.placement]["train_norms"]:
+        for _, layer in layers:
+            for path in FAMILIES[family]["norms"]:
+                _get(layer, path).requires_grad_(True)
+    for module in to_save.values():
+        module.requires_grad_(True)
+    # Kept on the model so that saving knows the config and removing can restore the flags.
+    model._peftkit_adapters = {"config": config, "requires_grad": requires_grad}
+    return model
+
+
+def remove_adapters(model: nn.Module) -> nn.Module:
+    """Put the original projections back and restore each parameter's requires_grad, in place.
+
+    Norms ("houlsby") and modules_to_save keep the values they were trained to: they are
+    the model's own modules, not wrappers, so save them (save_adapters) to keep both versions.
+    """
+    wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedSublayer)]
+    if not wrapped:
+        raise ValueError(f"{type(model).__name__} has no adapters to remove")
+    for name, module in wrapped:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, module.base)
+    state = model.__dict__.pop("_peftkit_adapters", None)
+    if state is not None:
+        for n, p in model.named_parameters():
+            p.requires_grad_(state["requires_grad"].get(n, p.requires_grad))
+    return model
+
+
+def adapter_config(model: nn.Module) -> AdapterConfig:
+    """The AdapterConfig the model's adapters were added with."""
+    return _adapter_state(model)["config"]
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What an adapted model trains, hence what a checkpoint needs: adapters, norms (houlsby),
+    modules_to_save. The same tensors peftkit.io.save_adapter writes (every requires_grad one)."""
+    _adapter_state(model)
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _io():
+    try:
+        from . import io
+    except ImportError as e:  # this file was copied alone, without peftkit/io.py
+        raise ImportError("saving and loading adapters needs peftkit/io.py next to adapters.py") from e
+    return io
+
+
+def save_adapters(model: nn.Module, path):
+    """Write adapter_state_dict(model) and the config to one safetensors file; returns its path."""
+    config = {"technique": TECHNIQUE, **asdict(adapter_config(model))}
+    return _io().save_adapter(model, path, config=config)
+
+
+def load_adapters(model: nn.Module, path) -> AdapterConfig:
+    """Load a file written by save_adapters into ``model``; returns the saved config.
+
+    A model without adapters first gets them, with the saved config. On any mismatch a
+    ValueError says what differs, and the model is left as it was.
+    """
+    io = _io()
+    _, saved = io.load_tensors(path)
+    if saved.pop("technique", None) != TECHNIQUE:
+        raise ValueError(f"{path} was not written by save_adapters (its config is {saved}); "
+                         f"use the loader of the technique that saved it")
+    saved = AdapterConfig(**saved)
+    added = "_peftkit_adapters" not in model.__dict__
+    if added:
+        add_adapters(model, saved)
+    try:
+        ours = adapter_config(model)
+        keys = ("placement", "reduction_factor", "non_linearity", "modules_to_save")
+        diff = {k: (getattr(saved, k), getattr(ours, k)) for k in keys if getattr(saved, k) != getattr(ours, k)}
+        if diff:
+            raise ValueError(f"{path} holds adapters with a different config, as (file, model): {diff}; "
+                             f"add_adapters with the file's config {saved} before loading")
+        io.load_adapter(model, path)
+    except Exception:
+        if added:
+            remove_adapters(model)
+        raise
+    return saved

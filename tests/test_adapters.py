@@ -1,0 +1,367 @@
+"""Bottleneck adapters: peft has no reference for them, so each check is against the formula
+h + W_up f(W_down h + b_down) + b_up written out by hand, or against the frozen model itself."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+from transformers import BertConfig, BertForSequenceClassification, BertModel, LlamaConfig, LlamaForCausalLM
+
+from peftkit import io
+from peftkit.adapters import (AdaptedSublayer, AdapterConfig, BottleneckAdapter, adapter_config,
+                              adapter_state_dict, add_adapters, load_adapters, remove_adapters,
+                              save_adapters)
+
+# Largest output change allowed at initialisation with the default init_std=1e-3. The adapter's
+# extra term is of order init_std**2 * sqrt(d * m) * |h|, about 1e-5 here; init_std=0.1 makes it
+# 1e4 times larger, which this tolerance catches (checked below).
+IDENTITY_ATOL = 1e-4
+
+BERT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+LLAMA = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=64)
+# Per family: where the adapted projections and the trained norms sit inside layer i.
+PATHS = {
+    "bert": {"prefix": "encoder.layer.{i}.", "attention": "attention.output.dense",
+             "feed_forward": "output.dense", "norms": ("attention.output.LayerNorm", "output.LayerNorm")},
+    "llama": {"prefix": "model.layers.{i}.", "attention": "self_attn.o_proj",
+              "feed_forward": "mlp.down_proj", "norms": ("input_layernorm", "post_attention_layernorm")},
+}
+SUBLAYERS = {"houlsby": ("attention", "feed_forward"), "pfeiffer": ("feed_forward",)}
+
+
+def make(family, seed=0):
+    torch.manual_seed(seed)  # same seed, same frozen base
+    if family == "bert":
+        return BertModel(BertConfig(**BERT)).eval()
+    return LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
+
+
+def ids():
+    return torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def run(model):
+    out = model(ids())
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def relu(x):
+    return torch.where(x > 0, x, torch.zeros_like(x))
+
+
+def gelu(x):
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def silu(x):
+    return x * torch.sigmoid(x)
+
+
+HAND = {"relu": relu, "gelu": gelu, "tanh": torch.tanh, "silu": silu, "swish": silu}
+
+
+def by_hand(adapter, h, f=relu):
+    down, up = adapter.adapter_down, adapter.adapter_up
+    return h + f(h @ down.weight.T + down.bias) @ up.weight.T + up.bias
+
+
+def randomize(model):
+    """Give every trainable tensor values far from its init, as training would."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+
+
+def expected_wrapped(family, placement):
+    p = PATHS[family]
+    return {p["prefix"].format(i=i) + p[s] for i in range(2) for s in SUBLAYERS[placement]}
+
+
+def expected_trainable(family, placement):
+    p = PATHS[family]
+    names = {f"{w}.adapter.{lin}.{t}" for w in expected_wrapped(family, placement)
+             for lin in ("adapter_down", "adapter_up") for t in ("weight", "bias")}
+    if placement == "houlsby":
+        model = make(family)
+        names |= {n for n, _ in model.named_parameters()
+                  if any(n.startswith(p["prefix"].format(i=i) + norm + ".") for i in range(2) for norm in p["norms"])}
+    return names
+
+
+# --- the module ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("non_linearity", sorted(HAND))
+def test_adapter_matches_the_formula(non_linearity):
+    adapter = BottleneckAdapter(32, reduction_factor=4, non_linearity=non_linearity)
+    randomize(adapter)
+    h = torch.randn(2, 7, 32)  # (B, T, d)
+    assert_close(adapter(h), by_hand(adapter, h, HAND[non_linearity]))
+
+
+def test_adapter_shapes_and_init():
+    adapter = BottleneckAdapter(32, reduction_factor=4)
+    assert adapter.bottleneck_size == 8
+    assert adapter.adapter_down.weight.shape == (8, 32) and adapter.adapter_up.weight.shape == (32, 8)
+    assert sum(p.numel() for p in adapter.parameters()) == 2 * 32 * 8 + 8 + 32
+    assert torch.count_nonzero(adapter.adapter_down.bias) == 0 and torch.count_nonzero(adapter.adapter_up.bias) == 0
+    for w in (adapter.adapter_down.weight, adapter.adapter_up.weight):
+        assert 0.7e-3 < w.std().item() < 1.3e-3
+    assert BottleneckAdapter(32, reduction_factor=0.5).bottleneck_size == 64
+
+
+def test_adapter_is_near_identity_at_init():
+    h = torch.randn(4, 32)
+    assert (BottleneckAdapter(32, 4)(h) - h).abs().max() < IDENTITY_ATOL
+    assert (BottleneckAdapter(32, 4, init_std=0.1)(h) - h).abs().max() > IDENTITY_ATOL
+
+
+def test_float32_adapter_under_half_precision_input():
+    adapter = BottleneckAdapter(32, 4)
+    randomize(adapter)
+    h = torch.randn(3, 32).to(torch.bfloat16)
+    out = adapter(h)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, by_hand(adapter, h.float()).to(torch.bfloat16), atol=0.05, rtol=0.02)
+
+
+# --- placement ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
+def test_placement(family, placement):
+    model = make(family)
+    originals = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    add_adapters(model, placement, reduction_factor=4)
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, AdaptedSublayer)}
+    assert wrapped == expected_wrapped(family, placement)
+    for name in wrapped:
+        module = model.get_submodule(name)
+        assert module.base is originals[name]  # the frozen projection itself, not a copy
+        assert module.adapter.hidden_size == 32 and module.adapter.bottleneck_size == 8
+    # print(model) folds identical layers into one entry, so count inside the first layer.
+    first_layer = model.get_submodule(PATHS[family]["prefix"].format(i=0).rstrip("."))
+    assert str(first_layer).count("AdaptedSublayer") == len(SUBLAYERS[placement])
+    assert adapter_config(model) == AdapterConfig(placement=placement, reduction_factor=4)
+
+
+def test_bert_adapters_sit_before_dropout_residual_and_layernorm():
+    model = add_adapters(make("bert"), "houlsby", reduction_factor=4)
+    randomize(model)
+    calls = []
+    for layer in model.encoder.layer:
+        for block in (layer.attention.output, layer.output):
+            block.register_forward_hook(lambda m, a, k, o: calls.append((m, a, k, o)), with_kwargs=True)
+    run(model)
+    assert len(calls) == 4
+    for block, args, kwargs, out in calls:
+        x = args[0] if args else kwargs["hidden_states"]
+        residual = args[1] if len(args) > 1 else kwargs["input_tensor"]
+        projected = block.dense.base(x)
+        assert_close(out, block.LayerNorm(by_hand(block.dense.adapter, projected) + residual))
+        assert not torch.allclose(out, block.LayerNorm(projected + residual), atol=1e-3)
+
+
+def test_llama_adapters_sit_before_the_residual_adds():
+    model = add_adapters(make("llama"), "houlsby", reduction_factor=4)
+    randomize(model)
+    seen = {}
+    layer = model.model.layers[1]
+    layer.register_forward_hook(lambda m, a, k, o: seen.update(x=a[0] if a else k["hidden_states"], out=o),
+                                with_kwargs=True)
+    layer.self_attn.o_proj.base.register_forward_hook(lambda m, a, o: seen.update(o=o))
+    layer.mlp.down_proj.base.register_forward_hook(lambda m, a, o: seen.update(d=o))
+    run(model)
+    out = seen["out"][0] if isinstance(seen["out"], tuple) else seen["out"]
+    expected = seen["x"] + by_hand(layer.self_attn.o_proj.adapter, seen["o"]) \
+        + by_hand(layer.mlp.down_proj.adapter, seen["d"])
+    assert_close(out, expected)
+    assert not torch.allclose(out, seen["x"] + seen["o"] + seen["d"], atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
+def test_outputs_match_frozen_model_at_init(family, placement):
+    frozen = run(make(family))
+    assert (run(add_adapters(make(family), placement, reduction_factor=4)) - frozen).abs().max() < IDENTITY_ATOL
+    # The tolerance is tight enough to notice a too-large init.
+    loud = add_adapters(make(family), placement, reduction_factor=4, init_std=0.1)
+    assert (run(loud) - frozen).abs().max() > IDENTITY_ATOL
+
+
+# --- training -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
+def test_gradients_reach_only_adapters_and_houlsby_norms(family, placement):
+    model = add_adapters(make(family), placement, reduction_factor=4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == expected_trainable(family, placement)
+    run(model).pow(2).mean().backward()
+    for name, p in model.named_parameters():
+        if name in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_modules_to_save_train_in_full_and_are_saved(tmp_path):
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**BERT, num_labels=3)).eval()
+    add_adapters(model, "pfeiffer", reduction_factor=4, modules_to_save=["classifier"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"classifier.weight", "classifier.bias"} <= trainable
+    assert not any(n.startswith("bert.pooler") or "LayerNorm" in n for n in trainable)
+    tensors, config = io.load_tensors(save_adapters(model, tmp_path / "a.safetensors"))
+    assert set(tensors) == trainable and config["modules_to_save"] == ["classifier"]
+
+
+def test_houlsby_trains_the_papers_parameter_count():
+    model = add_adapters(make("bert"), "houlsby", reduction_factor=4)
+    per_adapter = 2 * 32 * 8 + 8 + 32
+    per_layer_norms = 2 * (32 + 32)
+    assert sum(t.numel() for t in adapter_state_dict(model).values()) == 2 * (2 * per_adapter + per_layer_norms)
+
+
+# --- saving, loading, removing ----------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_save_load_round_trip_is_exact(family, tmp_path):
+    model = add_adapters(make(family), "houlsby", reduction_factor=4, non_linearity="gelu")
+    randomize(model)
+    path = save_adapters(model, tmp_path / "adapters.safetensors")
+    tensors, config = io.load_tensors(path)
+    assert set(tensors) == set(adapter_state_dict(model))
+    assert config == {"technique": "bottleneck_adapters", "placement": "houlsby", "reduction_factor": 4,
+                      "non_linearity": "gelu", "init_std": 1e-3, "modules_to_save": []}
+
+    torch.manual_seed(123)  # different adapter init, so the load has something to overwrite
+    same_config = add_adapters(make(family), "houlsby", reduction_factor=4, non_linearity="gelu")
+    bare = make(family)  # no adapters yet: load_adapters adds them from the file's config
+    for target in (same_config, bare):
+        assert load_adapters(target, path) == AdapterConfig("houlsby", 4, "gelu")
+        for name, t in adapter_state_dict(model).items():
+            assert torch.equal(target.get_parameter(name), t), name
+        assert torch.equal(run(target), run(model))
+
+
+def test_load_with_other_config_fails_and_leaves_model_unchanged(tmp_path):
+    path = save_adapters(add_adapters(make("bert"), "houlsby", reduction_factor=4), tmp_path / "a.safetensors")
+    model = add_adapters(make("bert"), "houlsby", reduction_factor=4, non_linearity="tanh")
+    before = {n: t.clone() for n, t in adapter_state_dict(model).items()}
+    with pytest.raises(ValueError, match="non_linearity"):
+        load_adapters(model, path)
+    assert all(torch.equal(model.get_parameter(n), t) for n, t in before.items())
+
+    bigger = BertModel(BertConfig(**{**BERT, "num_hidden_layers": 3}))  # the file lacks layer 2
+    with pytest.raises(ValueError, match="missing keys"):
+        load_adapters(bigger, path)
+    assert not any(isinstance(m, AdaptedSublayer) for m in bigger.modules())
+    assert all(p.requires_grad for p in bigger.parameters())
+
+
+def test_load_rejects_a_file_from_another_technique(tmp_path):
+    other = make("bert")
+    path = io.save_adapter(other, tmp_path / "full.safetensors", config={"technique": "lora"})
+    with pytest.raises(ValueError, match="not written by save_adapters"):
+        load_adapters(make("bert"), path)
+
+
+def test_remove_adapters_restores_the_model():
+    model = make("bert")
+    model.embeddings.requires_grad_(False)  # a user's own freezing must survive add + remove
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    modules = dict(model.named_modules())
+    frozen = run(model)
+    add_adapters(model, "houlsby", reduction_factor=4)
+    with torch.no_grad():  # only the adapters: trained norms would stay trained after removal
+        for name, p in model.named_parameters():
+            if ".adapter." in name:
+                p.normal_(0, 0.3)
+    assert not torch.allclose(run(model), frozen, atol=1e-3)
+    assert remove_adapters(model) is model
+    assert dict(model.named_modules()) == modules
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert torch.equal(run(model), frozen)
+    with pytest.raises(ValueError, match="no adapters to remove"):
+        remove_adapters(model)
+    add_adapters(model, "pfeiffer", reduction_factor=4)  # adding again after removing is fine
+    assert len([m for m in model.modules() if isinstance(m, AdaptedSublayer)]) == 2
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+def test_unknown_config_name_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"'lora'.*\['houlsby', 'pfeiffer'\]"):
+        add_adapters(make("bert"), "lora")
+    with pytest.raises(TypeError, match="AdapterConfig"):
+        add_adapters(make("bert"), {"placement": "houlsby"})
+
+
+@pytest.mark.parametrize("factor", [0, -4, float("nan"), True, "16"])
+def test_reduction_factor_must_be_positive(factor):
+    with pytest.raises(ValueError, match="reduction_factor must be a positive number"):
+        add_adapters(make("bert"), reduction_factor=factor)
+
+
+@pytest.mark.parametrize("factor", [5, 64])  # 32 / 5 is not whole; 32 / 64 < 1
+def test_reduction_factor_must_give_a_whole_positive_bottleneck(factor):
+    model = make("bert")
+    with pytest.raises(ValueError, match=r"does not divide hidden_size=32.*\[1, 2, 4, 8, 16, 32\]"):
+        add_adapters(model, reduction_factor=factor)
+    assert not any(isinstance(m, AdaptedSublayer) for m in model.modules())  # nothing half-done
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="does not divide"):
+        BottleneckAdapter(32, reduction_factor=factor)
+
+
+def test_adding_twice_is_an_error():
+    model = add_adapters(make("bert"), reduction_factor=4)
+    with pytest.raises(ValueError, match="already has adapters"):
+        add_adapters(model, reduction_factor=4)
+
+
+def test_unknown_architecture_names_what_was_looked_for():
+    with pytest.raises(ValueError, match=r"attention\.output\.dense.*self_attn\.o_proj"):
+        add_adapters(nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32)))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        add_adapters("bert-base-uncased")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(non_linearity="sigmoid"), r"'sigmoid'.*\['gelu', 'relu', 'silu', 'swish', 'tanh'\]"),
+    (dict(init_std=0.0), "init_std must be a positive number"),
+    (dict(init_std=-1e-3), "init_std must be a positive number"),
+    (dict(modules_to_save=["classifer"]), r"'classifer' matches no module.*\['embeddings', 'encoder', 'pooler'\]"),
+])
+def test_other_bad_knobs(bad, message):
+    with pytest.raises(ValueError, match=message):
+        add_adapters(make("bert"), reduction_factor=4, **bad)
+
+
+def test_bad_hidden_size_and_no_adapters_to_save():
+    with pytest.raises(ValueError, match="hidden_size must be a positive int"):
+        BottleneckAdapter(0)
+    with pytest.raises(ValueError, match="no adapters"):
+        adapter_state_dict(make("bert"))
+    with pytest.raises(ValueError, match="no adapters"):
+        save_adapters(make("bert"), "unused.safetensors")
+
+
+def test_file_works_when_copied_alone(tmp_path):
+    import importlib.util
+    import shutil
+
+    import peftkit.adapters
+
+    copy = shutil.copy(peftkit.adapters.__file__, tmp_path / "my_adapters.py")
+    spec = importlib.util.spec_from_file_location("my_adapters", copy)
+    alone = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(alone)  # no peftkit package around it
+    model = alone.add_adapters(make("bert"), "pfeiffer", reduction_factor=4)
+    assert len(alone.adapter_state_dict(model)) == 2 * 4
+    with pytest.raises(ImportError, match="needs peftkit/io.py"):
+        alone.save_adapters(model, tmp_path / "a.safetensors")
