@@ -1,0 +1,240 @@
+"""Prefix-tuning: learned keys and values prepended in every attention layer.
+
+Paper: Li & Liang, "Prefix-Tuning: Optimizing Continuous Prompts for Generation" (ACL 2021).
+Without the MLP this is also P-tuning v2's "deep prompt" (Liu et al., 2022), and peft's default.
+
+Equation, for every layer l and head h, with P learned prefix positions:
+    K_l = [Pk_l ; x W_k]      V_l = [Pv_l ; x W_v]      (concatenated along the sequence)
+    head = softmax(q K_l^T / sqrt(d)) V_l
+Prompt tuning only prepends vectors to the input; here every layer gets its own keys and values,
+so the prefix steers attention at all depths. The prefix is handed to the model as an already
+filled key/value cache (what the model would have cached after reading P tokens), so the input
+tokens take positions P, P+1, ... just as they would after a real P-token prompt.
+
+Reparameterisation (Li & Liang, section 4.3): training the table [Pk; Pv] directly is unstable,
+so it is produced by an MLP from a small embedding:
+    [Pk_l ; Pv_l] for all l = W2 tanh(W1 E + b1) + b2,     E of shape (P, num_kv_heads * head_dim)
+After training, the MLP is run once and only its output, the key/value table, is kept.
+
+Trained: the prefix encoder (the embedding, and the MLP when ``projection=True``).
+Frozen: every weight of the language model.
+"""
+
+import inspect
+
+import torch
+from torch import nn
+
+try:  # optional: lets a copy of this single file work in a project that has only torch
+    from .io import load_adapter, save_adapter
+except ImportError:
+    load_adapter = save_adapter = None
+
+# Families tested against peft: decoder-only, rotary positions, one cache object read by every layer.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class PrefixEncoder(nn.Module):
+    """Produces the prefix keys and values of every layer: one (key, value) pair per layer.
+
+    ``projection=True``: embedding -> Linear -> Tanh -> Linear (Li & Liang's MLP).
+    ``projection=False``: the key/value table itself is the parameter (peft's default).
+    Parameter names and layout follow peft's ``PrefixEncoder``, so weights copy across.
+    With grouped-query attention the prefix has ``num_kv_heads`` heads, not the query heads.
+    """
+
+    def __init__(self, num_layers, num_kv_heads, head_dim, num_virtual_tokens, projection=True,
+                 encoder_hidden_size=512):
+        super().__init__()
+        self.num_layers = _positive_int("num_layers", num_layers)
+        self.num_kv_heads = _positive_int("num_kv_heads", num_kv_heads)
+        self.head_dim = _positive_int("head_dim", head_dim)
+        self.num_virtual_tokens = _positive_int("num_virtual_tokens (the prefix length)", num_virtual_tokens)
+        self.projection = bool(projection)
+        token_dim = num_kv_heads * head_dim  # one layer's keys (or values) for one position
+        table_dim = num_layers * 2 * token_dim  # keys and values of all layers for one position
+        if self.projection:
+            self.encoder_hidden_size = _positive_int("encoder_hidden_size", encoder_hidden_size)
+            self.embedding = nn.Embedding(num_virtual_tokens, token_dim)
+            self.transform = nn.Sequential(
+                nn.Linear(token_dim, encoder_hidden_size), nn.Tanh(), nn.Linear(encoder_hidden_size, table_dim)
+            )
+        else:
+            self.encoder_hidden_size = None
+            self.embedding = nn.Embedding(num_virtual_tokens, table_dim)
+
+    def table(self) -> torch.Tensor:
+        """The flat key/value table, (P, num_layers * 2 * num_kv_heads * head_dim)."""
+        if self.projection:
+            return self.transform(self.embedding.weight)
+        return self.embedding.weight
+
+    def forward(self) -> torch.Tensor:
+        """Keys and values of every layer: (num_layers, 2, num_kv_heads, P, head_dim)."""
+        P, L, H, D = self.num_virtual_tokens, self.num_layers, self.num_kv_heads, self.head_dim
+        kv = self.table().view(P, L, 2, H, D)  # (P, L, 2, H, D), 2 = key then value
+        return kv.permute(1, 2, 3, 0, 4)  # (L, 2, H, P, D): the cache layout, minus the batch
+
+
+class PrefixTuningModel(nn.Module):
+    """A frozen causal LM whose attention layers all see a learned prefix.
+
+    ``forward`` takes the model's usual arguments (``input_ids``, ``attention_mask``, ``labels``,
+    ...) and returns its output; ``generate`` decodes greedily. ``cache_class`` is the model's
+    cache class (default: ``transformers.DynamicCache``, imported when first needed).
+    """
+
+    def __init__(self, model, num_virtual_tokens=10, projection=True, encoder_hidden_size=512, cache_class=None):
+        super().__init__()
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"prefix-tuning supports decoder-only causal LMs of these families: {SUPPORTED_MODEL_TYPES} "
+                f"(e.g. SmolLM2, a LlamaForCausalLM); got {type(model).__name__} with model_type {model_type!r}. "
+                "Encoders such as BERT are not supported (their absolute positions would need explicit "
+                "position ids): use prompt tuning or P-tuning for them."
+            )
+        signature = inspect.signature(model.forward).parameters
+        # transformers 5.x renamed `past_key_values` to `cache`; accept whichever this model takes
+        self._cache_arg = next((a for a in ("cache", "past_key_values") if a in signature), None)
+        if self._cache_arg is None:
+            raise ValueError(f"{type(model).__name__}.forward takes no key/value cache, so it cannot take a prefix")
+        self.base_model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        num_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        self.prefix_encoder = PrefixEncoder(
+            config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or num_heads, head_dim,
+            num_virtual_tokens, projection, encoder_hidden_size,
+        ).to(next(model.parameters()).device)
+        self.num_virtual_tokens = self.prefix_encoder.num_virtual_tokens
+        self.cache_class = cache_class
+
+    @property
+    def prefix_config(self) -> dict:
+        """What it takes to rebuild this prefix; saved with the adapter."""
+        e = self.prefix_encoder
+        return dict(technique="prefix_tuning", num_virtual_tokens=e.num_virtual_tokens, projection=e.projection,
+                    encoder_hidden_size=e.encoder_hidden_size, num_layers=e.num_layers,
+                    num_kv_heads=e.num_kv_heads, head_dim=e.head_dim)
+
+    def prefix_cache(self, batch_size: int):
+        """A cache holding the prefix keys and values of every layer, for ``batch_size`` sequences."""
+        if self.cache_class is None:
+            from transformers import DynamicCache
+            self.cache_class = DynamicCache
+        dtype = next(self.base_model.parameters()).dtype
+        kv = self.prefix_encoder().to(dtype)  # (L, 2, H, P, D)
+        cache = self.cache_class()
+        for layer, (keys, values) in enumerate(kv):
+            # the same prefix for every sequence in the batch: (H, P, D) -> (B, H, P, D)
+            cache.update(keys.expand(batch_size, -1, -1, -1), values.expand(batch_size, -1, -1, -1), layer)
+        return cache
+
+    def _prefix_inputs(self, batch_size, seq_len, attention_mask, device):
+        """Attention mask with the prefix positions always visible, and the matching position ids."""
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long, device=device)
+        # positions count real tokens only, so left padding does not shift them; they start at P
+        # because the model reads the prefix as P tokens already in its cache
+        position_ids = self.num_virtual_tokens + attention_mask.long().cumsum(-1) - 1  # (B, T)
+        prefix_mask = torch.ones(batch_size, self.num_virtual_tokens, dtype=attention_mask.dtype, device=device)
+        return torch.cat([prefix_mask, attention_mask], dim=1), position_ids  # (B, P + T), (B, T)
+
+    def _check_usable(self, kwargs):
+        if any(getattr(m, "gradient_checkpointing", False) for m in self.base_model.modules()):
+            raise ValueError(
+                "prefix-tuning does not work with gradient checkpointing: the checkpointed layers drop the cache "
+                "that carries the prefix. Turn activation (gradient) checkpointing off."
+            )
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            raise ValueError("the prefix is passed as the cache, so forward takes no cache; use generate() to decode")
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, position_ids=None, **kwargs):
+        self._check_usable(kwargs)
+        x = input_ids if input_ids is not None else inputs_embeds
+        if x is None:
+            raise ValueError("pass input_ids (B, T) or inputs_embeds (B, T, hidden_size)")
+        batch_size, seq_len = x.shape[:2]
+        attention_mask, default_positions = self._prefix_inputs(batch_size, seq_len, attention_mask, x.device)
+        kwargs[self._cache_arg] = self.prefix_cache(batch_size)
+        return self.base_model(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            position_ids=default_positions if position_ids is None else position_ids, use_cache=True, **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=20, eos_token_id=None, pad_token_id=None):
+        """Greedy decoding; returns the prompt followed by the new tokens, (B, T + new).
+
+        Batches should be left-padded (with ``attention_mask``). Once a sequence has produced
+        ``eos_token_id`` it is filled with ``pad_token_id`` (default: the eos id).
+        """
+        self._check_usable({})
+        max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
+        batch_size, seq_len = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask, positions = self._prefix_inputs(batch_size, seq_len, attention_mask, input_ids.device)
+        cache = self.prefix_cache(batch_size)  # grows in place as tokens are read
+        tokens, step_input = input_ids, input_ids
+        finished = torch.zeros(batch_size, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            logits = self.base_model(input_ids=step_input, attention_mask=mask, position_ids=positions,
+                                     use_cache=True, **{self._cache_arg: cache}).logits
+            next_token = logits[:, -1].argmax(-1)  # (B,)
+            if eos_token_id is not None:
+                pad = eos_token_id if pad_token_id is None else pad_token_id
+                next_token = next_token.masked_fill(finished, pad)
+                finished |= next_token == eos_token_id
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)  # (B, T + steps)
+            if finished.all():
+                break
+            step_input = next_token[:, None]  # (B, 1): the rest is already in the cache
+            positions = positions[:, -1:] + 1
+            mask = torch.cat([mask, mask.new_ones(batch_size, 1)], dim=1)
+        return tokens
+
+    def export_prefix(self) -> torch.Tensor:
+        """Run the encoder (and its MLP) once: the keys and values, (num_layers, 2, num_kv_heads, P, head_dim).
+
+        This tensor is all that deployment needs; see ``from_prefix``.
+        """
+        with torch.no_grad():
+            return self.prefix_encoder().detach().clone()
+
+    @classmethod
+    def from_prefix(cls, model, prefix: torch.Tensor, cache_class=None) -> "PrefixTuningModel":
+        """Wrap ``model`` with a fixed exported prefix (no MLP): the deployment form."""
+        if not isinstance(prefix, torch.Tensor) or prefix.dim() != 5:
+            raise ValueError("prefix must be the tensor export_prefix() returns: (num_layers, 2, num_kv_heads, P, "
+                             f"head_dim), got {getattr(prefix, 'shape', type(prefix).__name__)}")
+        wrapped = cls(model, num_virtual_tokens=prefix.shape[3], projection=False, cache_class=cache_class)
+        e = wrapped.prefix_encoder
+        expected = (e.num_layers, 2, e.num_kv_heads, e.num_virtual_tokens, e.head_dim)
+        if tuple(prefix.shape) != expected:
+            raise ValueError(f"this model needs a prefix of shape (num_layers, 2, num_kv_heads, P, head_dim) = "
+                             f"{expected}, got {tuple(prefix.shape)}")
+        with torch.no_grad():  # undo the permute in PrefixEncoder.forward: back to (P, L * 2 * H * D)
+            e.embedding.weight.copy_(prefix.permute(3, 0, 1, 2, 4).reshape(e.num_virtual_tokens, -1))
+        return wrapped
+
+    def save(self, path):
+        """Save the trained prefix (and its config) as one safetensors file; see ``peftkit.io``."""
+        if save_adapter is None:
+            raise ImportError("saving needs peftkit.io (and safetensors): use this file inside the peftkit package")
+        return save_adapter(self, path, config=self.prefix_config)
+
+    def load(self, path) -> dict:
+        """Load a prefix saved by ``save`` into this wrapper (same config); returns the saved config."""
+        if load_adapter is None:
+            raise ImportError("loading needs peftkit.io (and safetensors): use this file inside the peftkit package")
+        return load_adapter(self, path)
