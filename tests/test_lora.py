@@ -1,0 +1,354 @@
+"""peftkit.lora against Hugging Face peft, on a tiny BERT classifier and a tiny Llama."""
+
+import copy
+import json
+
+import peft
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+from peftkit.lora import (
+    LoRALinear,
+    add_lora,
+    export_peft,
+    load_adapter,
+    lora_state_dict,
+    merge_lora,
+    save_adapter,
+    unmerge_lora,
+)
+
+torch.set_num_threads(1)
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, num_labels=3)
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+MODELS = {"bert": tiny_bert, "llama": tiny_llama}
+QV = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
+IDS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model):
+    return model(input_ids=IDS).logits
+
+
+def randomize_(model, seed=3):
+    """Give every trainable tensor random values, so that LoRA is not an identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def ours_from_peft_name(name):
+    """peft's parameter name -> peftkit's (peft adds a wrapper prefix and an adapter name)."""
+    name = name.removeprefix("base_model.model.").replace(".default.", ".")
+    return name.replace("base_layer.", "base.").replace(".modules_to_save.", ".")
+
+
+def peft_and_ours(kind, targets, modules_to_save=(), **kwargs):
+    base = MODELS[kind]()
+    peft_kwargs = dict(r=kwargs.get("rank", 8), lora_alpha=kwargs.get("alpha", 16),
+                       lora_dropout=kwargs.get("dropout", 0.0), use_rslora=kwargs.get("rslora", False))
+    # SEQ_CLS makes peft's "all-linear" skip the classifier (and train it), as peftkit always does.
+    task = "SEQ_CLS" if targets == "all-linear" and kind == "bert" else None
+    torch.manual_seed(5)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        target_modules=targets, modules_to_save=list(modules_to_save) or None, task_type=task, **peft_kwargs))
+    torch.manual_seed(5)
+    ours = add_lora(copy.deepcopy(base), targets, modules_to_save=modules_to_save, **kwargs)
+    return base, theirs, ours
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("targets,options", [
+    ("qv", {}), ("qv", {"rank": 4, "alpha": 8, "rslora": True}), ("all-linear", {"rank": 2, "alpha": 3})])
+def test_same_layers_init_and_forward_as_peft(kind, targets, options):
+    targets = QV[kind] if targets == "qv" else targets
+    saved = ["classifier"] if kind == "bert" else []
+    base, theirs, ours = peft_and_ours(kind, targets, saved, **options)
+    wrapped = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+               if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert wrapped == set(ours.lora_config.target_modules) == {n for n, m in ours.named_modules()
+                                                               if isinstance(m, LoRALinear)}
+    assert "lm_head" not in str(wrapped) and "classifier" not in str(wrapped)
+    # Same seed, same draws: peft's Kaiming-uniform A (and zero B) come out bit-identical.
+    theirs_params = {ours_from_peft_name(n): p for n, p in theirs.named_parameters() if p.requires_grad}
+    ours_params = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    assert theirs_params.keys() == ours_params.keys() == lora_state_dict(ours).keys()
+    for name, p in ours_params.items():
+        torch.testing.assert_close(p, theirs_params[name], rtol=0, atol=0)
+    layer = next(m for m in ours.modules() if isinstance(m, LoRALinear))
+    peft_layer = next(m for m in theirs.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+    assert layer.scaling == peft_layer.scaling["default"]
+    randomize_(theirs)
+    with torch.no_grad():
+        for name, p in ours_params.items():
+            p.copy_(theirs_params[name])
+    torch.testing.assert_close(logits(ours), logits(theirs))
+    assert not torch.allclose(logits(ours), logits(base))
+
+
+def test_dropout_on_lora_path_matches_peft_in_training():
+    _, theirs, ours = peft_and_ours("bert", ["query", "value"], dropout=0.3)
+    randomize_(theirs)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if p.requires_grad:
+                ours.get_parameter(ours_from_peft_name(n)).copy_(p)
+    ours.train(), theirs.train()
+    torch.manual_seed(11)
+    expected = logits(theirs)
+    torch.manual_seed(11)
+    torch.testing.assert_close(logits(ours), expected)
+
+
+def test_half_precision_base_keeps_float32_factors_like_peft():
+    base = tiny_llama().to(torch.bfloat16)
+    config = peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    ours = add_lora(copy.deepcopy(base), ["q_proj", "v_proj"])
+    layer = ours.model.layers[0].self_attn.q_proj
+    assert layer.lora_A.weight.dtype == torch.float32 and layer.base.weight.dtype == torch.bfloat16
+    randomize_(theirs)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if p.requires_grad:
+                ours.get_parameter(ours_from_peft_name(n)).copy_(p)
+    out = logits(ours)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, logits(theirs))
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_identity_at_init(kind):
+    base = MODELS[kind]()
+    ours = add_lora(copy.deepcopy(base), "all-linear")
+    assert torch.equal(logits(ours), logits(base))
+
+
+@pytest.mark.parametrize("kind,head", [("bert", "classifier"), ("llama", "lm_head")])
+def test_all_linear_skips_the_output_head(kind, head):
+    model = add_lora(MODELS[kind](), "all-linear")
+    assert type(model.get_submodule(head)) is nn.Linear
+    assert not any(p.requires_grad for p in model.get_submodule(head).parameters())
+    linears = [n for n, m in MODELS[kind]().named_modules() if isinstance(m, nn.Linear)]
+    assert sorted(model.lora_config.target_modules) == sorted(n for n in linears if n != head)
+
+
+def test_gradients_only_on_lora_and_modules_to_save():
+    model = add_lora(tiny_bert(), ["query", "value"], modules_to_save=["classifier"])
+    model(input_ids=IDS, labels=torch.tensor([0, 2])).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert with_grad == trainable == set(lora_state_dict(model))
+    assert trainable == {f"bert.encoder.layer.{i}.attention.self.{m}.lora_{ab}.weight"
+                         for i in (0, 1) for m in ("query", "value") for ab in "AB"} | {
+        "classifier.weight", "classifier.bias"}
+    layer = model.bert.encoder.layer[0].attention.self.query
+    # B = 0 at init: A gets no gradient yet, B does (that is why A, not B, is random).
+    assert torch.count_nonzero(layer.lora_A.weight.grad) == 0
+    assert torch.count_nonzero(layer.lora_B.weight.grad) > 0
+
+
+def test_lora_linear_formula_and_shapes():
+    base = nn.Linear(6, 5)
+    layer = LoRALinear(base, rank=3, alpha=6, rslora=False)
+    assert layer.lora_A.weight.shape == (3, 6) and layer.lora_B.weight.shape == (5, 3)
+    assert layer.scaling == 2.0 and LoRALinear(nn.Linear(6, 5), rank=4, alpha=6, rslora=True).scaling == 3.0
+    assert not any(p.requires_grad for p in base.parameters())
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(4, 2, 6)
+    expected = base(x) + x @ layer.lora_A.weight.T @ layer.lora_B.weight.T * 2.0
+    torch.testing.assert_close(layer(x), expected)
+    torch.testing.assert_close(layer.delta_weight(), layer.lora_B.weight @ layer.lora_A.weight * 2.0)
+    assert layer.delta_weight().shape == (5, 6)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_merge_unmerge_round_trip_and_merge_lora_matches_peft(kind):
+    base, theirs, ours = peft_and_ours(kind, QV[kind], rslora=True)
+    randomize_(theirs)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if p.requires_grad:
+                ours.get_parameter(ours_from_peft_name(n)).copy_(p)
+    before = {n: p.clone() for n, p in ours.named_parameters()}
+    expected = logits(ours)
+    merge_lora(ours, unload=False)
+    layer = next(m for m in ours.modules() if isinstance(m, LoRALinear))
+    assert layer.merged
+    merged_weight = layer.base.weight.clone()
+    assert not torch.equal(merged_weight, before[next(n for n in before if n.endswith(".base.weight"))])
+    torch.testing.assert_close(logits(ours), expected)
+    merge_lora(ours, unload=False)  # merging twice is a no-op
+    assert torch.equal(layer.base.weight, merged_weight)
+    unmerge_lora(ours)
+    unmerge_lora(ours)  # and so is unmerging twice
+    assert not layer.merged
+    for n, p in ours.named_parameters():
+        torch.testing.assert_close(p, before[n])
+    deployed = merge_lora(ours)
+    assert not any(isinstance(m, LoRALinear) for m in deployed.modules())
+    reference = theirs.merge_and_unload()
+    assert type(deployed.get_submodule(layer_name := ours_from_peft_name(
+        next(n for n, _ in reference.named_modules() if n.endswith(QV[kind][0]))))) is nn.Linear
+    torch.testing.assert_close(deployed.state_dict(), reference.state_dict())
+    torch.testing.assert_close(logits(deployed), expected)
+    assert layer_name and merge_lora(deployed) is deployed
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_export_peft_loads_in_peft_with_same_outputs(kind, tmp_path):
+    base = MODELS[kind]()
+    saved = ["classifier"] if kind == "bert" else []
+    ours = add_lora(copy.deepcopy(base), QV[kind], rank=4, alpha=8, modules_to_save=saved)
+    randomize_(ours)
+    export_peft(ours, tmp_path, "tiny-test-model")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(logits(loaded), logits(ours))
+    assert not torch.allclose(logits(loaded), logits(base))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny-test-model" and config["r"] == 4
+    # Saving the loaded model again with peft gives back exactly our file's keys and tensors.
+    loaded.save_pretrained(tmp_path / "again")
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as a, \
+            safe_open(tmp_path / "again" / "adapter_model.safetensors", "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        assert any(k.endswith("lora_A.weight") for k in a.keys())
+        assert ("base_model.model.classifier.weight" in a.keys()) == (kind == "bert")
+        for k in a.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k))
+
+
+def test_save_and_load_adapter_round_trip(tmp_path):
+    base = tiny_bert()
+    trained = add_lora(copy.deepcopy(base), ["query", "value"], rank=4, modules_to_save=["classifier"])
+    randomize_(trained)
+    path = save_adapter(trained, tmp_path / "lora.safetensors")
+    with safe_open(path, "pt") as f:
+        assert set(f.keys()) == set(lora_state_dict(trained))
+        assert json.loads(f.metadata()["config"])["rank"] == 4
+    fresh = copy.deepcopy(base)  # no LoRA yet: load_adapter injects it from the saved config
+    config = load_adapter(fresh, path)
+    assert config.rank == 4 and config.modules_to_save == ["classifier"]
+    torch.testing.assert_close(logits(fresh), logits(trained))
+    injected = add_lora(copy.deepcopy(base), ["query", "value"], rank=4, modules_to_save=["classifier"])
+    load_adapter(injected, path)
+    torch.testing.assert_close(logits(injected), logits(trained))
+
+
+class Fake4bit(nn.Module):
+    """Stands in for peftkit.nf4.NF4Linear: same attributes, same class flag."""
+
+    is_peftkit_4bit = True
+
+    def __init__(self, linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", linear.weight.detach().half())
+        self.bias = linear.bias
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight.float(), self.bias)
+
+
+def test_4bit_base_forward_and_merge_refused():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), Fake4bit(nn.Linear(8, 4)))
+    add_lora(model, "all-linear", rank=2)  # a bare nn.Sequential has no output head to skip
+    layer = model[2]
+    assert isinstance(layer, LoRALinear) and layer.lora_A.weight.dtype == torch.float32
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 8)
+    hidden = model[1](model[0](x))
+    torch.testing.assert_close(model(x), layer.base(hidden) + layer.lora_B(layer.lora_A(hidden)) * layer.scaling)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(TypeError, match="peftkit.qlora"):
+        layer.merge()
+    with pytest.raises(TypeError, match="4-bit"):
+        merge_lora(model)
+    assert isinstance(model[0], LoRALinear) and not model[0].merged  # all or nothing
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def test_no_target_matched_lists_the_linears():
+    model = tiny_bert()
+    with pytest.raises(ValueError, match=r"\['qproj'\] matched no module.*'query'.*'value'"):
+        add_lora(model, ["query", "qproj"])
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())  # model untouched
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_target_that_is_not_linear_names_its_type():
+    with pytest.raises(TypeError, match="BertAttention"):
+        add_lora(tiny_bert(), ["attention"])
+    with pytest.raises(TypeError, match="Embedding"):
+        add_lora(tiny_llama(), ["embed_tokens"])
+    with pytest.raises(TypeError, match="Conv1d"):
+        LoRALinear(nn.Conv1d(2, 2, 1))
+
+
+@pytest.mark.parametrize("bad", [{"rank": 0}, {"rank": -2}, {"rank": 2.5}, {"alpha": 0}, {"alpha": -1.0},
+                                 {"dropout": 1.0}])
+def test_bad_hyperparameters(bad):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        add_lora(tiny_bert(), ["query"], **bad)
+    with pytest.raises(ValueError, match=name):
+        LoRALinear(nn.Linear(4, 4), **bad)
+
+
+def test_wrapping_twice_and_unknown_modules_to_save():
+    model = add_lora(tiny_bert(), ["query"])
+    with pytest.raises(ValueError, match="already has LoRA layers"):
+        add_lora(model, ["value"])
+    with pytest.raises(TypeError, match="LoRALinear"):
+        LoRALinear(model.bert.encoder.layer[0].attention.self.query)
+    with pytest.raises(ValueError, match=r"modules_to_save \['head'\].*'classifier'"):
+        add_lora(tiny_bert(), ["query"], modules_to_save=["head"])
+
+
+@pytest.mark.parametrize("other,message", [
+    ({"target_modules": ["query"]}, r"unexpected keys \['bert.encoder.layer.0.attention.self.value.lora_A"),
+    ({"target_modules": ["query", "value", "key"]}, r"missing keys \['bert.encoder.layer.0.attention.self.key"),
+    ({"target_modules": ["query", "value"], "rank": 2}, r"wrong shapes.*file \(4, 32\) vs model \(2, 32\)"),
+])
+def test_load_adapter_that_does_not_fit_leaves_model_unchanged(tmp_path, other, message):
+    path = save_adapter(add_lora(tiny_bert(), ["query", "value"], rank=4), tmp_path / "a.safetensors")
+    target = add_lora(tiny_bert(), **other)
+    randomize_(target)
+    before = {n: t.clone() for n, t in target.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        load_adapter(target, path)
+    assert all(torch.equal(t, before[n]) for n, t in target.state_dict().items())
+
+
+def test_load_adapter_into_a_model_it_cannot_fit_undoes_the_injection(tmp_path):
+    path = save_adapter(add_lora(tiny_bert(), ["query"], rank=4), tmp_path / "a.safetensors")
+    config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, num_labels=3)
+    other = BertForSequenceClassification(config)
+    names = [n for n, _ in other.named_parameters()]
+    with pytest.raises(ValueError, match="wrong shapes"):
+        load_adapter(other, path)
+    assert [n for n, _ in other.named_parameters()] == names
+    assert all(p.requires_grad for p in other.parameters()) and not hasattr(other, "lora_config")
