@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bar: no widget state in committed notebooks
 
 
 def seed_everything(seed: int = 0) -> None:
