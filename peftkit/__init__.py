@@ -5,4 +5,10 @@ lora, adapters, prompt_tuning, p_tuning, prefix_tuning, nf4, qlora.
 Loaders (models), data (data), the training loop (train) and saving (io) are separate.
 """
 
+import warnings
+
+# datasets/transformers import tqdm.auto, which warns in Jupyter when ipywidgets is absent;
+# the course uses plain text progress bars on purpose (no widget state in notebooks).
+warnings.filterwarnings("ignore", message="IProgress not found")
+
 __version__ = "0.1.0"

@@ -85,7 +85,7 @@ def fit(model, train_data, collate, val_data=None, *, epochs: int = 3, batch_siz
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
     history, step = History(), 0
-    bar = tqdm(total=total, desc=desc, disable=not progress, mininterval=1.0)
+    bar = tqdm(total=total, desc=desc, disable=not progress, mininterval=2.0)
     for _ in range(epochs):
         model.train()
         for batch in loader:
