@@ -1,0 +1,298 @@
+"""NF4: 4-bit NormalFloat quantization (Dettmers et al., 2023, QLoRA, arXiv:2305.14314).
+
+Each block of ``blocksize`` consecutive weights (the tensor read flat, row by row) keeps one
+float32 scale, its largest magnitude, and one 4-bit code per weight:
+
+    absmax_b = max |w_i| over the block        code_i = index of the NF4_CODE value nearest w_i / absmax_b
+    w_i ~= NF4_CODE[code_i] * absmax_b         two codes per byte, the first in the high nibble
+
+The 16 NF4 values are quantiles of a normal distribution, so that normally distributed
+weights fill the 16 bins about equally. Double quantization stores the per-block scales in
+8 bits too: their mean is subtracted, and the rest is quantized the same way in blocks of
+256 with bitsandbytes' signed 8-bit dynamic map. Bits per weight: 4 + 32/64 = 4.5 without,
+4 + 8/64 + 32/(64*256) ~= 4.127 with.
+
+Nothing here trains: ``NF4Linear`` is a frozen layer that rebuilds its float weight, in the
+input's dtype, at every forward (and again in backward, so autograd never keeps it).
+The semantics are bitsandbytes' reference ones (``bitsandbytes/backends/default/ops.py``,
+v0.50.2): codes, scales and dequantized values agree bit for bit.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# NF4 as bitsandbytes hard-codes it (get_4bit_type("nf4")). nf4_code_from_quantiles() rebuilds
+# exactly these float32 values: 7 negative quantiles, an exact zero, 8 positive quantiles.
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+])
+NF4_ZERO = 7  # the code of 0.0: pads an odd element count to a whole byte, as bitsandbytes does
+ABSMAX_BLOCKSIZE = 256  # double quantization: one float32 scale per 256 absmax codes
+
+
+def nf4_code_from_quantiles(offset: float = 0.9677083) -> torch.Tensor:
+    """The 16 NF4 values from normal quantiles (bitsandbytes' create_normal_map, without scipy).
+
+    Eight evenly spaced probabilities from ``offset`` down to 0.5 give the positive side and seven
+    the negative side (one more positive value, so that 0 is exact); ``offset`` < 1 because the
+    quantile of 1 is infinite. Dividing by the largest value maps everything into [-1, 1].
+    """
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double()).float()  # (8,)
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double()).float()  # (7,)
+    values = torch.cat([negative, torch.zeros(1), positive]).sort().values
+    return values / values.max()
+
+
+def dynamic_map_8bit() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (create_dynamic_map()): 256 sorted values in [-1, 1].
+
+    Decade 10^(i-6), i = 0..6, holds 2^i values (the midpoints of 2^i equal steps from 0.1 to 1)
+    and their negatives; with 0 and 1 that is 254 + 2 codes, dense near zero like a float.
+    """
+    values = [0.0, 1.0]
+    for i in range(7):
+        edges = torch.linspace(0.1, 1, 2**i + 1)
+        midpoints = (edges[:-1] + edges[1:]) / 2
+        values += (10 ** (i - 6) * midpoints).tolist() + (-(10 ** (i - 6)) * midpoints).tolist()
+    return torch.tensor(sorted(values))
+
+
+DYNAMIC_CODE = dynamic_map_8bit()
+
+
+# ---- The readable version (the notebook builds these): one step per line, any size. ----
+
+def quantize_blockwise_readable(w: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """Index of the nearest ``code`` value for every element of w / absmax(block) → (codes, absmax)."""
+    flat = w.reshape(-1).float()
+    pad = -flat.numel() % blocksize
+    blocks = F.pad(flat, (0, pad)).view(-1, blocksize)  # (num_blocks, blocksize); zeros leave absmax alone
+    absmax = blocks.abs().amax(dim=1)  # (num_blocks,)
+    scaled = blocks * (1 / absmax.clamp(min=1e-38))[:, None]  # in [-1, 1]; an all-zero block stays 0
+    if pad:  # bitsandbytes treats a partial last block apart: it divides, and keeps the clamped scale
+        absmax[-1] = absmax[-1].clamp(min=1e-38)
+        scaled[-1] = blocks[-1] / absmax[-1]
+    midpoints = (code[:-1] + code[1:]) / 2  # nearest value = how many midpoints lie below
+    codes = (scaled.reshape(-1, 1) > midpoints).sum(dim=1)  # (num_blocks * blocksize,)
+    return codes[: flat.numel()].to(torch.uint8), absmax
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """(n,) codes in 0..15 → (ceil(n/2),) bytes, the first code of each pair in the high nibble."""
+    if codes.numel() % 2:
+        codes = F.pad(codes, (0, 1), value=NF4_ZERO)
+    return codes[0::2] << 4 | codes[1::2]
+
+
+def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    return torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)[:numel]  # (numel,)
+
+
+def dequantize_blockwise_readable(codes, absmax, code, blocksize, shape, dtype):
+    """code[codes] * absmax of their block, computed in float32, then cast to ``dtype``."""
+    values = code[codes.long()]  # (n,)
+    pad = -values.numel() % blocksize
+    blocks = F.pad(values, (0, pad)).view(-1, blocksize) * absmax[:, None]  # (num_blocks, blocksize)
+    return blocks.reshape(-1)[: values.numel()].view(shape).to(dtype)
+
+
+# ---- The fast path used by NF4Tensor: the same numbers, fewer passes over memory. ----
+
+def _quantize_blockwise(flat: torch.Tensor, midpoints: torch.Tensor, blocksize: int):
+    """Fast quantize_blockwise_readable: (int32 codes padded to an even count, absmax)."""
+    n = flat.numel()
+    full = n - n % blocksize
+    lo, hi = torch.aminmax(flat[:full].view(-1, blocksize), dim=1)  # no |w| copy of the whole tensor
+    absmax = torch.maximum(hi, -lo)  # (full // blocksize,)
+    scaled = flat.new_empty(n + n % 2)
+    scaled[n:] = 0  # a padding 0.0 gets code NF4_ZERO
+    torch.mul(flat[:full].view(-1, blocksize), (1 / absmax.clamp(min=1e-38))[:, None],
+              out=scaled[:full].view(-1, blocksize))
+    if full < n:
+        tail_absmax = flat[full:].abs().max().clamp(min=1e-38)
+        torch.div(flat[full:], tail_absmax, out=scaled[full:n])
+        absmax = torch.cat([absmax, tail_absmax[None]])
+    # No clamp to [-1, 1] needed: values past the end midpoints land in the end bins anyway.
+    return torch.bucketize(scaled, midpoints.to(flat.device), out_int32=True), absmax
+
+
+# Entry b holds the two float32 values of byte b (high nibble first), read as one int64 so that
+# one lookup copies both values at once.
+BYTE_TO_PAIR = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], 1).view(torch.int64).view(256)
+
+
+@dataclass(repr=False)
+class NF4Tensor:
+    """A tensor stored as packed NF4 codes plus per-block scales (see the module docstring)."""
+
+    packed: torch.Tensor  # (ceil(n/2),) uint8, two codes per byte
+    absmax: torch.Tensor | None  # (num_blocks,) float32 scales; None with double quantization
+    shape: torch.Size  # the original shape and dtype, restored by dequantize()
+    dtype: torch.dtype
+    blocksize: int = 64
+    absmax_codes: torch.Tensor | None = None  # (num_blocks,) uint8: (absmax - offset) in DYNAMIC_CODE
+    absmax_scale: torch.Tensor | None = None  # (ceil(num_blocks/256),) float32 scale of those codes
+    absmax_offset: torch.Tensor | None = None  # () float32: the mean absmax
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax_codes is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def block_absmax(self) -> torch.Tensor:
+        """The float32 scale of every block (dequantizing the 8-bit ones first)."""
+        if not self.double_quant:
+            return self.absmax
+        table = DYNAMIC_CODE.to(self.device)
+        scaled = dequantize_blockwise_readable(self.absmax_codes, self.absmax_scale, table,
+                                               ABSMAX_BLOCKSIZE, (-1,), torch.float32)
+        return scaled + self.absmax_offset
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """NF4_CODE[code] * absmax in float32, cast to ``dtype`` (default: the original dtype)."""
+        dtype, n, b = dtype or self.dtype, self.numel(), self.blocksize
+        pairs = BYTE_TO_PAIR.to(self.device).index_select(0, self.packed.int())  # (ceil(n/2),)
+        values = pairs.view(torch.float32)  # (2 * ceil(n/2),) the codes' values, in order
+        absmax, full = self.block_absmax(), n - n % b
+        values[:full].view(-1, b).mul_(absmax[: full // b, None])  # float32, as bitsandbytes computes
+        if full < n:
+            values[full:n].mul_(absmax[-1])
+        return values[:n].view(self.shape).to(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.packed, self.absmax, self.absmax_codes, self.absmax_scale, self.absmax_offset)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.nbytes / self.numel()
+
+    def to(self, device) -> "NF4Tensor":
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return NF4Tensor(**moved)
+
+    def __repr__(self) -> str:
+        quant = "double-quantized scales" if self.double_quant else "float32 scales"
+        return (f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
+                f"{quant}, {self.bits_per_param:.3f} bits/param)")
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
+    """Quantize ``w`` (float32, bfloat16 or float16; any shape and size) to an NF4Tensor.
+
+    Refused: non-floating or empty tensors, NaN/inf values, a blocksize that is not a positive
+    even int. ``double_quant`` also quantizes the per-block scales (module docstring).
+    """
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        got = w.dtype if isinstance(w, torch.Tensor) else type(w).__name__
+        raise TypeError(f"quantize_nf4 needs a floating-point tensor (float32, bfloat16, float16), got {got}")
+    if w.numel() == 0:
+        raise ValueError(f"quantize_nf4 got an empty tensor (shape {tuple(w.shape)}): nothing to quantize")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0 or blocksize % 2:
+        raise ValueError(f"blocksize must be a positive even int (bitsandbytes uses 64), got {blocksize!r}")
+    flat = w.detach().reshape(-1).float()
+    codes, absmax = _quantize_blockwise(flat, (NF4_CODE[:-1] + NF4_CODE[1:]) / 2, blocksize)
+    if not torch.isfinite(absmax).all():  # a NaN or inf anywhere reaches its block's max
+        bad = (~torch.isfinite(flat)).sum().item()
+        raise ValueError(f"quantize_nf4 got {bad} NaN/inf values; every value must be finite")
+    codes = codes.to(torch.uint8)
+    packed = codes[0::2] << 4 | codes[1::2]
+    result = NF4Tensor(packed, absmax, w.shape, w.dtype, blocksize)
+    if double_quant:
+        offset = absmax.mean()
+        codes8, scale = _quantize_blockwise(absmax - offset, (DYNAMIC_CODE[:-1] + DYNAMIC_CODE[1:]) / 2,
+                                            ABSMAX_BLOCKSIZE)
+        result.absmax, result.absmax_offset = None, offset
+        result.absmax_codes, result.absmax_scale = codes8[: absmax.numel()].to(torch.uint8), scale
+    return result
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """x W^T + b with W rebuilt from 4 bits in forward and again in backward, never saved."""
+
+    @staticmethod
+    def forward(ctx, x, weight: NF4Tensor, bias):
+        ctx.weight = weight
+        return F.linear(x, weight.dequantize(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        need_x = ctx.needs_input_grad[0]  # not for the first layer: rebuild W only when needed
+        grad_x = grad_out @ ctx.weight.dequantize(grad_out.dtype) if need_x else None  # (..., out) @ (out, in)
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is an NF4Tensor, dequantized to the input's dtype."""
+
+    is_peftkit_4bit = True  # what peftkit.lora looks for, without importing this file
+
+    def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        if not isinstance(weight, NF4Tensor) or len(weight.shape) != 2:
+            raise TypeError(f"NF4Linear needs a 2-D NF4Tensor (out, in), got {weight!r}")
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> "NF4Linear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"NF4Linear.from_linear needs an nn.Linear, got {type(linear).__name__}")
+        return cls(quantize_nf4(linear.weight, blocksize, double_quant), linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return _NF4Matmul.apply(x, self.weight, bias)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(device) moves the codes; dtype casts (model.half()) must not touch them.
+        device = fn(torch.empty(0, device=self.weight.device)).device
+        self.weight = self.weight.to(device)
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        w = self.weight
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, blocksize={w.blocksize}, double_quant={w.double_quant}")
+
+
+def quantize_model(model: nn.Module, skip=("lm_head", "classifier"), double_quant: bool = True,
+                   blocksize: int = 64) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` by an ``NF4Linear``, in place; returns ``model``.
+
+    A linear stays in float when any dotted part of its name is in ``skip`` (the output heads by
+    default). Quantizing twice is an error, not a no-op: the second call's settings would be
+    silently ignored. LoRA must come after quantization (that is QLoRA), so LoRA layers are refused.
+    """
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    modules = dict(model.named_modules())
+    done = [n for n, m in modules.items() if getattr(type(m), "is_peftkit_4bit", False)]
+    if done:
+        raise ValueError(f"the model is already quantized ({len(done)} 4-bit layers, e.g. {done[0]!r}); "
+                         "quantize the float model once")
+    lora = [n for n, m in modules.items() if hasattr(m, "lora_A")]
+    if lora:
+        raise ValueError(f"the model already has LoRA layers (e.g. {lora[0]!r}): quantize first, then add_lora")
+    targets = [n for n, m in modules.items() if isinstance(m, nn.Linear) and not set(n.split(".")) & set(skip)]
+    if not targets:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear outside skip={skip} to quantize")
+    for name in targets:
+        parent, _, child = name.rpartition(".")
+        new = NF4Linear.from_linear(modules[name], blocksize, double_quant)
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
