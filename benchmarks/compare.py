@@ -53,8 +53,8 @@ from peftkit.p_tuning import PTuningConfig, PTuningModel
 from peftkit.prefix_tuning import PrefixTuningModel
 from peftkit.prompt_tuning import PromptTuningModel
 from peftkit.qlora import prepare_for_qlora
-from peftkit.train import (TrainingDiverged, accuracy, count_parameters, evaluate_loss, fit, peak_memory_mb,
-                           seed_everything)
+from peftkit.train import (TrainingDiverged, accuracy, count_parameters, evaluate_loss, fit, generate,
+                           peak_memory_mb, seed_everything)
 
 PROMPT_TEXT = "what is the topic of this question?"  # 10 tokens with [CLS] and [SEP]
 LM_PROMPT_TEXT = "Write one sentence that mentions every attribute."
@@ -223,14 +223,13 @@ def train(task, method, lr, steps, desc, use_peft=False, progress=True):
     seed_everything(task.seed)
     model = (method.peft if use_peft else method.build)(copy.deepcopy(task.base), task.tokenizer)
     params = count_parameters(model, show=False)
-    total = params["total"] + sum(w.numel() for w in four_bit_weights(model))  # not Parameters, but weights
     release_memory()
     history, peak = peak_memory_mb(fit, model, task.train, task.collate, epochs=steps, max_steps=steps,
                                    batch_size=task.batch_size, lr=lr, seed=task.seed, interval=0.005,
                                    desc=desc, progress=progress)
     last = history.train_loss[-5:]
-    return model, {"lr": lr, "steps": steps, "trainable": params["trainable"], "total": total,
-                   "trainable_percent": 100 * params["trainable"] / total, "peak_memory_mb": peak,
+    return model, {"lr": lr, "steps": steps, "trainable": params["trainable"], "total": params["total"],
+                   "trainable_percent": params["percent"], "peak_memory_mb": peak,
                    "weights_mb": weights_mb(model), "step_seconds": history.median_step_seconds,
                    "train_seconds": sum(history.step_seconds), "final_train_loss": sum(last) / len(last)}
 
@@ -289,17 +288,9 @@ def interleaved_step_seconds(models, batch, warmup=2, rounds=10) -> list[float]:
 
 
 @torch.no_grad()
-def describe(model, tokenizer, mrs, max_new_tokens) -> list[str]:
-    """Greedy sentences, for plain HF models and peftkit's prompt and prefix wrappers alike."""
-    model.eval()
-    batch = generation_batch(tokenizer, mrs)  # left-padded
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    return [t.strip() for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
-
-
 def evaluate_generation(task, model) -> dict:
-    texts = describe(model, task.tokenizer, task.test["mr"], task.max_new_tokens)
+    batch = generation_batch(task.tokenizer, task.test["mr"])  # left-padded prompts
+    texts = generate(model, task.tokenizer, batch, task.max_new_tokens)
     return {"heldout_loss": evaluate_loss(model, task.test, task.collate, batch_size=task.batch_size),
             "slot_error_rate": slot_error_rate(texts, task.test["mr"]), "example": texts[0]}
 

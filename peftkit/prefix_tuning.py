@@ -172,13 +172,17 @@ class PrefixTuningModel(nn.Module):
         )
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=20, eos_token_id=None, pad_token_id=None):
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=20, eos_token_id=None, pad_token_id=None,
+                 do_sample=False):
         """Greedy decoding; returns the prompt followed by the new tokens, (B, T + new).
 
         Batches should be left-padded (with ``attention_mask``). Once a sequence has produced
         ``eos_token_id`` it is filled with ``pad_token_id`` (default: the eos id).
         """
         self._check_usable({})
+        if do_sample:
+            raise ValueError("PrefixTuningModel.generate decodes greedily only (got do_sample=True): "
+                             "pass do_sample=False")
         max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
         batch_size, seq_len = input_ids.shape
         if attention_mask is None:

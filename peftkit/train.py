@@ -28,7 +28,10 @@ def default_device() -> torch.device:
 
 
 def count_parameters(model: torch.nn.Module, name: str = "model", show: bool = True) -> dict:
-    """Trainable / total parameters and the trainable percentage (shared tensors counted once)."""
+    """Trainable / total parameters and the trainable percentage (shared tensors counted once).
+
+    Frozen 4-bit weights (``peftkit.nf4.NF4Linear``) are not ``Parameter``s; they count in the total.
+    """
     seen, total, trainable = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
@@ -36,6 +39,7 @@ def count_parameters(model: torch.nn.Module, name: str = "model", show: bool = T
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
+    total += sum(m.weight.numel() for m in model.modules() if getattr(type(m), "is_peftkit_4bit", False))
     row = {"name": name, "trainable": trainable, "total": total, "percent": 100 * trainable / total}
     if show:
         print(f"{'':<24}{'trainable':>12}{'total':>14}{'%':>9}")
@@ -144,12 +148,15 @@ def accuracy(model, data, collate, batch_size: int = 64) -> float:
 
 @torch.no_grad()
 def generate(model, tokenizer, batch: dict, max_new_tokens: int = 40) -> list[str]:
-    """Greedy continuations of a left-padded ``batch``, decoded without the prompt."""
+    """Greedy continuations of a left-padded ``batch``, decoded without the prompt.
+
+    Works for Hugging Face models and peftkit's prompt and prefix wrappers alike; a row stops at EOS.
+    """
     model.eval()
     device = next(model.parameters()).device
     batch = _to(batch, device)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return [t.strip() for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
 
 

@@ -42,6 +42,7 @@ from peftkit.nf4 import (
     quantize_nf4,
     unpack_nibbles,
 )
+from peftkit.train import count_parameters
 
 torch.set_num_threads(1)
 
@@ -300,6 +301,16 @@ def tiny_llama(dtype=torch.float32):
 
 
 IDS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def test_count_parameters_counts_4bit_weights_in_the_total():
+    model = tiny_llama()
+    before = count_parameters(model, show=False)
+    quantize_model(model)
+    after = count_parameters(model, show=False)
+    assert after["total"] == before["total"]  # 4-bit weights are not Parameters, but they are weights
+    frozen = sum(m.weight.numel() for m in model.modules() if isinstance(m, NF4Linear))
+    assert frozen > 0 and after["trainable"] == before["trainable"] - frozen
 
 
 def test_quantize_model_replaces_linears_but_the_head():

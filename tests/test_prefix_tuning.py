@@ -18,6 +18,7 @@ from torch.testing import assert_close
 
 from peftkit.io import load_tensors
 from peftkit.prefix_tuning import SUPPORTED_MODEL_TYPES, PrefixEncoder, PrefixTuningModel
+from peftkit.train import generate as generate_text
 
 P = 4  # prefix length used throughout
 TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
@@ -142,6 +143,29 @@ def test_generate_equals_step_by_step_greedy_forward():
     assert torch.equal(generated, greedy_by_forward(lambda s: ours(input_ids=s).logits, x, 6))
     # and the prefix matters: the frozen model alone continues differently
     assert not torch.equal(generated, greedy_by_forward(lambda s: base(input_ids=s).logits, x, 6))
+
+
+class IdTokenizer:
+    """What peftkit.train.generate needs of a tokenizer; token ids decode to their numbers."""
+
+    def __init__(self, eos):
+        self.eos_token_id = self.pad_token_id = eos
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [" ".join(str(t) for t in row.tolist() if t != self.eos_token_id) for row in rows]
+
+
+def test_train_generate_drives_the_prefix_model_and_stops_each_row_at_eos():
+    ours = PrefixTuningModel(tiny_lm(), num_virtual_tokens=P, projection=False)
+    x = ids(batch=2, length=5)
+    free = ours.generate(x, max_new_tokens=6)  # no eos: six new tokens per row
+    tokenizer = IdTokenizer(eos=free[0, 5].item())  # row 0's first new token ends row 0 at once
+    texts = generate_text(ours, tokenizer, {"input_ids": x, "attention_mask": torch.ones_like(x)}, max_new_tokens=6)
+    assert texts[0] == ""
+    alone = ours.generate(x[1:], max_new_tokens=6, eos_token_id=tokenizer.eos_token_id)
+    assert texts[1] == tokenizer.batch_decode(alone[:, 5:])[0]
+    with pytest.raises(ValueError, match="do_sample=False"):
+        ours.generate(x, do_sample=True)
 
 
 def test_left_padded_batch_generates_what_each_row_generates_alone():
