@@ -28,7 +28,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 import warnings
@@ -54,7 +53,7 @@ from peftkit.prefix_tuning import PrefixTuningModel
 from peftkit.prompt_tuning import PromptTuningModel
 from peftkit.qlora import prepare_for_qlora
 from peftkit.train import (TrainingDiverged, accuracy, count_parameters, evaluate_loss, fit, generate,
-                           peak_memory_mb, seed_everything)
+                           interleaved_medians, peak_memory_mb, seed_everything, training_step)
 
 PROMPT_TEXT = "what is the topic of this question?"  # 10 tokens with [CLS] and [SEP]
 LM_PROMPT_TEXT = "Write one sentence that mentions every attribute."
@@ -264,27 +263,14 @@ def run_topic(task, name, steps, progress=True, timing_rounds=10) -> dict:
         row["peft"] = {"trainable": m["trainable"], "peak_memory_mb": m["peak_memory_mb"],
                        "step_seconds": m["step_seconds"], "test_accuracy": accuracy(theirs, task.test, task.collate)}
         batch = task.collate(task.train.select(range(task.batch_size)))
-        ours_s, theirs_s = interleaved_step_seconds([model, theirs], batch, rounds=timing_rounds)
+        turns = {"peftkit": training_step(model.train(), batch, lr=1e-5),
+                 "peft": training_step(theirs.train(), batch, lr=1e-5)}
+        ours_s, theirs_s = interleaved_medians(turns, rounds=timing_rounds).values()
         row["interleaved_step_seconds"] = {"peftkit": ours_s, "peft": theirs_s}
         row["step_time_ratio_vs_peft"] = ours_s / theirs_s
         row["accuracy_ratio_vs_peft"] = row["test_accuracy"] / max(row["peft"]["test_accuracy"], 1e-9)
     row["adapter_bytes"] = file_bytes(method.save, model)  # last: P-tuning's save exports the prompt
     return row
-
-
-def interleaved_step_seconds(models, batch, warmup=2, rounds=10) -> list[float]:
-    """Median training-step time of each model, taking turns step by step: a busy moment slows all alike."""
-    optimizers = [torch.optim.AdamW([p for p in m.train().parameters() if p.requires_grad], lr=1e-5) for m in models]
-    times = [[] for _ in models]
-    for round_ in range(warmup + rounds):
-        for i in (range(len(models)) if round_ % 2 else reversed(range(len(models)))):
-            start = time.perf_counter()
-            models[i](**batch).loss.backward()
-            optimizers[i].step()
-            optimizers[i].zero_grad(set_to_none=True)
-            if round_ >= warmup:
-                times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 @torch.no_grad()

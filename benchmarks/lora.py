@@ -18,12 +18,13 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 
 import torch
+
+from peftkit.train import interleaved_medians, training_step
 
 VARIANTS = {"peftkit": "peftkit LoRA", "peft": "peft LoRA", "full": "full fine-tune"}
 TARGETS = ["query", "value"]
@@ -63,17 +64,6 @@ def make_batch(vocab_size: int, args):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def make_step(model, batch):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def memory_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
@@ -84,7 +74,7 @@ def measure_memory(name: str, args) -> dict:
     base, vocab_size = load_base(args.seed)
     model = make_variant(base, name, args)
     del base
-    step = make_step(model, make_batch(vocab_size, args))
+    step = training_step(model, make_batch(vocab_size, args))
     loaded = memory_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM (the peak) to the current resident size (Linux >= 4.0)
@@ -92,24 +82,6 @@ def measure_memory(name: str, args) -> dict:
         step()
     peak = memory_kib("VmHWM")
     return {"loaded_mib": loaded / 1024, "peak_mib": peak / 1024, "training_mib": (peak - loaded) / 1024}
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def interleaved_medians(fns: dict, warmup: int, steps: int) -> dict:
-    """Median seconds of each callable, taking turns (in a rotating order) on every round."""
-    times = {k: [] for k in fns}
-    names = list(fns)
-    for round_ in range(warmup + steps):
-        for k in names[round_ % len(names):] + names[: round_ % len(names)]:
-            t = timed(fns[k])
-            if round_ >= warmup:
-                times[k].append(t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main():
@@ -143,7 +115,7 @@ def main():
             sys.exit(f"memory measurement of {k} failed (exit {child.returncode})")
         memory[k] = json.loads(out.strip().splitlines()[-1])
 
-    steps = interleaved_medians({k: make_step(m, batch) for k, m in models.items()}, 2, args.steps)
+    steps = interleaved_medians({k: training_step(m, batch) for k, m in models.items()}, 2, args.steps)
 
     from peftkit.lora import merge_lora
 

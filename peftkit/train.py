@@ -8,6 +8,7 @@ stop if the loss becomes NaN or infinite. Any model whose forward returns ``.los
 
 import math
 import random
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -192,3 +193,28 @@ def peak_memory_mb(fn, *args, interval: float = 0.002, **kwargs):
         thread.join()
     peak = max(peak, process.memory_info().rss)
     return result, (peak - before) / 2**20
+
+
+def training_step(model, batch: dict, lr: float = 1e-4):
+    """A callable doing one AdamW step of ``model`` on ``batch``: what the benchmarks time."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    def step():
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def interleaved_medians(fns: dict, warmup: int = 2, rounds: int = 10) -> dict:
+    """Median seconds of each callable, taking turns (in a rotating order) every round, so that a
+    busy moment of the machine slows them all alike; the first ``warmup`` rounds are not timed."""
+    times, names = {k: [] for k in fns}, list(fns)
+    for round_ in range(warmup + rounds):
+        for k in names[round_ % len(names):] + names[: round_ % len(names)]:
+            start = time.perf_counter()
+            fns[k]()
+            if round_ >= warmup:
+                times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}

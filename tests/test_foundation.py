@@ -10,7 +10,7 @@ from torch import nn
 from peftkit import models
 from peftkit.data import (CausalLMCollator, ClassificationCollator, data_to_text, generation_batch,
                           lm_prompt, slot_error_rate, topic_classification)
-from peftkit.train import History, TrainingDiverged, count_parameters, fit
+from peftkit.train import History, TrainingDiverged, count_parameters, fit, interleaved_medians
 
 
 @pytest.fixture
@@ -189,6 +189,14 @@ def test_count_parameters_counts_shared_tensors_once(capsys):
     row = count_parameters(model, "tied")
     assert (row["trainable"], row["total"]) == (12, 15)
     assert "tied" in capsys.readouterr().out
+
+
+def test_interleaved_medians_take_turns_and_skip_warmup():
+    calls = []
+    medians = interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                  warmup=1, rounds=3)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]  # each goes first in turn
+    assert set(medians) == {"a", "b"} and all(0 <= t < 1 for t in medians.values())
 
 
 def test_history_best_epoch():
