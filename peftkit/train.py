@@ -1,9 +1,10 @@
 """One small training loop for every notebook, plus the measurements the course reports.
 
 ``fit``: AdamW with weight decay, linear warm-up then linear decay, gradient clipping, a tqdm
-progress bar, training loss per step and validation loss per epoch (the best epoch is reported:
-when validation loss rises while training loss falls, the model is overfitting), and a clear
-stop if the loss becomes NaN or infinite. Any model whose forward returns ``.loss`` works.
+progress bar, training loss per step, validation loss and accuracy per epoch, the new head in its
+own parameter group, the best epoch's weights kept (stopping early once validation has stopped
+improving), and a clear stop if the loss becomes NaN or infinite. Any model whose forward returns
+``.loss`` works.
 """
 
 import math
@@ -52,16 +53,25 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+HEAD_NAMES = ("classifier", "score")  # the new heads of Hugging Face classifiers (peft's modules_to_save)
+
+
 @dataclass
 class History:
     train_loss: list = field(default_factory=list)  # one value per optimizer step
     val_loss: list = field(default_factory=list)  # one value per epoch
+    val_accuracy: list = field(default_factory=list)  # one value per epoch (classifiers only)
     step_seconds: list = field(default_factory=list)
+    epoch_seconds: list = field(default_factory=list)  # training time of each epoch (validation excluded)
+    selected_epoch: int | None = None  # 1-based epoch whose weights the model holds after fit
 
     @property
     def best_epoch(self) -> int | None:
-        """1-based epoch with the lowest validation loss."""
-        return 1 + min(range(len(self.val_loss)), key=self.val_loss.__getitem__) if self.val_loss else None
+        """1-based epoch with the best validation score: accuracy (ties: lower loss), or else loss."""
+        if not self.val_loss:
+            return None
+        accs = self.val_accuracy or [0.0] * len(self.val_loss)
+        return 1 + max(range(len(self.val_loss)), key=lambda i: (accs[i], -self.val_loss[i]))
 
     @property
     def median_step_seconds(self) -> float:
@@ -73,26 +83,55 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _is_head(name: str) -> bool:
+    return any(part in HEAD_NAMES for part in name.split("."))
+
+
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
 def fit(model, train_data, collate, val_data=None, *, epochs: int = 3, batch_size: int = 16,
-        lr: float = 1e-3, weight_decay: float = 0.01, warmup: float = 0.1, max_grad_norm: float = 1.0,
+        lr: float = 1e-3, head_lr: float | None = None, patience: int | None = None,
+        weight_decay: float = 0.01, warmup: float = 0.1, max_grad_norm: float = 1.0,
         max_steps: int | None = None, seed: int = 0, desc: str = "train", progress: bool = True) -> History:
-    """Train the parameters of ``model`` that have ``requires_grad``; returns the History."""
+    """Train the parameters of ``model`` that have ``requires_grad``; returns the History.
+
+    ``head_lr``: the learning rate of a new classifier head (parameters under a module named
+    ``classifier`` or ``score``), its own parameter group; the rest train at ``lr``.
+    With ``val_data``, every epoch is scored on it (accuracy, ties broken by loss, for a
+    classifier; loss for a language model) and the model ends with the weights of the best
+    epoch (``History.selected_epoch``). ``patience``: stop after that many epochs without a
+    better validation score.
+    """
+    _check_positive(epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, max_steps=max_steps,
+                    patience=patience)
+    if val_data is not None and len(val_data) == 0:
+        raise ValueError("val_data is empty: pass None to train without validation")
     seed_everything(seed)
-    device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("the model has no trainable parameters: add a technique or unfreeze something")
+    device = named[0][1].device
+    head = [p for n, p in named if _is_head(n)] if head_lr is not None else []
+    body = [p for n, p in named if not (head_lr is not None and _is_head(n))]
+    groups = [g for g in ({"params": body, "lr": lr}, {"params": head, "lr": head_lr}) if g["params"]]
+    params = body + head
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(train_data, batch_size=batch_size, shuffle=True, collate_fn=collate, generator=generator)
     total = min(max_steps or math.inf, epochs * len(loader))
     warm = max(1, int(warmup * total))
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
-    history, step = History(), 0
+    history, step, best = History(), 0, None
     bar = tqdm(total=total, desc=desc, disable=not progress, mininterval=2.0)
-    for _ in range(epochs):
+    for epoch in range(epochs):
         model.train()
+        began = time.perf_counter()
         for batch in loader:
             start = time.perf_counter()
             loss = model(**_to(batch, device)).loss
@@ -113,26 +152,53 @@ def fit(model, train_data, collate, val_data=None, *, epochs: int = 3, batch_siz
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             if step >= total:
                 break
+        history.epoch_seconds.append(time.perf_counter() - began)
         if val_data is not None:
-            history.val_loss.append(evaluate_loss(model, val_data, collate, batch_size))
+            scores = evaluate(model, val_data, collate)
+            history.val_loss.append(scores["loss"])
+            if "accuracy" in scores:
+                history.val_accuracy.append(scores["accuracy"])
+            if history.best_epoch == epoch + 1:  # keep a copy of the trained tensors of the best epoch
+                best = {id(p): p.detach().clone() for p in params}
+                history.selected_epoch = epoch + 1
+            elif patience is not None and epoch + 1 - history.best_epoch >= patience:
+                break
         if step >= total:
             break
     bar.close()
+    if best is not None:
+        with torch.no_grad():
+            for p in params:
+                p.copy_(best[id(p)])
     return history
 
 
 @torch.no_grad()
-def evaluate_loss(model, data, collate, batch_size: int = 32) -> float:
-    """Mean loss over ``data`` (for LMs: token-weighted, i.e. the held-out cross-entropy)."""
+def evaluate(model, data, collate, batch_size: int = 64) -> dict:
+    """Mean loss over ``data`` (for LMs: token-weighted, i.e. the held-out cross-entropy) and, for a
+    classifier (one label per example), the share of examples whose arg-max logit is the label."""
     model.eval()
     device = next(model.parameters()).device
-    total = count = 0.0
+    total = count = right = 0.0
+    per_example = None
     for batch in DataLoader(data, batch_size=batch_size, collate_fn=collate):
         batch = _to(batch, device)
-        n = (batch["labels"][:, 1:] != -100).sum().item() if batch["labels"].dim() == 2 else len(batch["labels"])
-        total += model(**batch).loss.item() * n
+        per_example = batch["labels"].dim() == 1
+        n = len(batch["labels"]) if per_example else (batch["labels"][:, 1:] != -100).sum().item()
+        out = model(**batch)
+        total += out.loss.item() * n
         count += n
-    return total / count
+        if per_example:
+            right += (out.logits.argmax(-1) == batch["labels"]).sum().item()
+    scores = {"loss": total / count}
+    if per_example:
+        scores["accuracy"] = right / len(data)
+    return scores
+
+
+def evaluate_loss(model, data, collate, batch_size: int = 32) -> float:
+    """Mean loss over ``data`` (for LMs: token-weighted, i.e. the held-out cross-entropy)."""
+    return evaluate(model, data, collate, batch_size)["loss"]
 
 
 @torch.no_grad()

@@ -1,0 +1,136 @@
+"""One training recipe per method for the topic task, shared by every notebook and by
+``benchmarks/compare.py``, so that a method gives the same number wherever it is trained.
+
+The protocol:
+
+- data: ``peftkit.data.topic_splits()``: 400 training utterances, 101 for validation (a stratified
+  20% of train), 168 for test; utterances cut at ``max_length`` tokens.
+- model: all-MiniLM-L6-v2 read through mean pooling (``load_encoder(num_labels=8)``), a new head
+  drawn from the run's seed.
+- optimiser: AdamW (weight decay 0.01), 10% warm-up then linear decay over ``max_epochs``, gradient
+  clipping at 1.0. The technique's parameters train at ``lr``; the new head is its own parameter
+  group at ``head_lr`` (the rate the linear probe selected: a head trained at a technique's small
+  rate is what kept P-tuning near chance in earlier versions of the course).
+- selection: after every epoch, accuracy on the validation split (ties: lower loss); training
+  stops ``patience`` epochs after the best one and the model keeps the best epoch's weights.
+- the rates: ``lr`` is the best of ``lr_grid`` on the validation split, chosen by
+  ``benchmarks/compare.py`` (seed 0); the test split plays no part in any choice.
+
+    recipe = RECIPES["LoRA q/v"]
+    model, tokenizer = classifier(seed=0)
+    model = recipe.build(model, tokenizer)
+    history = train(model, tokenizer, recipe, splits, seed=0)
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .adapters import add_adapters
+from .data import ClassificationCollator, topic_splits
+from .lora import add_lora
+from .models import load_encoder
+from .p_tuning import PTuningConfig, PTuningModel
+from .prompt_tuning import PromptTuningModel
+from .qlora import prepare_for_qlora
+from .train import History, fit, seed_everything
+
+PROMPT_TEXT = "what is the topic of this question?"  # 10 tokens with [CLS] and [SEP]
+NUM_VIRTUAL_TOKENS = 10
+
+
+# --- how each method turns the classifier into the model to train ----------------------------
+
+def full_fine_tuning(model, tokenizer):
+    return model
+
+
+def linear_probe(model, tokenizer):
+    model.requires_grad_(False)
+    model.classifier.requires_grad_(True)
+    return model
+
+
+def adapters(placement: str) -> Callable:
+    return lambda model, tokenizer: add_adapters(model, placement, modules_to_save=["classifier"])
+
+
+def lora(targets, quantize: bool = False) -> Callable:
+    """LoRA r=8, alpha=16; QLoRA: the same LoRA over an NF4 base (the head stays float)."""
+    def build(model, tokenizer):
+        model = prepare_for_qlora(model) if quantize else model
+        return add_lora(model, targets, rank=8, alpha=16, modules_to_save=["classifier"])
+    return build
+
+
+def prompt_tuning(model, tokenizer):
+    return PromptTuningModel(model, num_virtual_tokens=NUM_VIRTUAL_TOKENS, init="text", init_text=PROMPT_TEXT,
+                             tokenizer=tokenizer)
+
+
+def p_tuning(kind: str) -> Callable:
+    return lambda model, tokenizer: PTuningModel(model, PTuningConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS, kind=kind))
+
+
+# --- the recipes ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Recipe:
+    build: Callable  # (classifier, tokenizer) -> the model to train
+    lr: float  # the technique's parameters (full fine-tuning: every encoder weight)
+    head_lr: float  # the new classifier head, its own parameter group
+    lr_grid: tuple = ()  # the rates for `lr` that compare.py searched on validation (seed 0)
+    max_epochs: int = 12  # the linear decay reaches zero here
+    patience: int = 3  # epochs without a better validation accuracy before stopping
+    batch_size: int = 16
+    max_length: int = 16  # tokens per utterance (the median is 9)
+    searches_head: bool = False  # the linear probe: its only rate is the head's
+
+    def collate(self, tokenizer) -> ClassificationCollator:
+        return ClassificationCollator(tokenizer, self.max_length)
+
+
+HEAD_LR = 1e-2  # the linear probe's selected rate, used for the head of every method
+GRID = (3e-4, 1e-3, 3e-3, 1e-2)  # adapters, LoRA, P-tuning: a decade and a half
+RECIPES = {
+    "full fine-tuning": Recipe(full_fine_tuning, lr=1e-4, head_lr=HEAD_LR, lr_grid=(1e-5, 3e-5, 1e-4, 3e-4)),
+    "linear probe": Recipe(linear_probe, lr=HEAD_LR, head_lr=HEAD_LR, lr_grid=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+                           searches_head=True),
+    "Houlsby adapters": Recipe(adapters("houlsby"), lr=1e-3, head_lr=HEAD_LR, lr_grid=GRID),
+    "Pfeiffer adapters": Recipe(adapters("pfeiffer"), lr=1e-3, head_lr=HEAD_LR, lr_grid=GRID),
+    "LoRA q/v": Recipe(lora(["query", "value"]), lr=1e-3, head_lr=HEAD_LR, lr_grid=GRID),
+    "LoRA all-linear": Recipe(lora("all-linear"), lr=1e-3, head_lr=HEAD_LR, lr_grid=GRID),
+    "prompt tuning": Recipe(prompt_tuning, lr=3e-2, head_lr=HEAD_LR, lr_grid=(3e-3, 1e-2, 3e-2, 1e-1)),
+    "P-tuning LSTM": Recipe(p_tuning("lstm"), lr=1e-3, head_lr=HEAD_LR, lr_grid=GRID),
+    "P-tuning MLP": Recipe(p_tuning("mlp"), lr=1e-3, head_lr=HEAD_LR, lr_grid=GRID),
+    "QLoRA all-linear": Recipe(lora("all-linear", quantize=True), lr=1e-3, head_lr=HEAD_LR, lr_grid=GRID),
+}
+
+
+# --- running a recipe --------------------------------------------------------------------------
+
+def classifier(seed: int = 0, num_labels: int = 8):
+    """The course's classifier with a head drawn from ``seed``: (model, tokenizer)."""
+    seed_everything(seed)
+    return load_encoder(num_labels=num_labels)
+
+
+def train(model, tokenizer, recipe: Recipe, splits=None, *, seed: int = 0, lr: float | None = None,
+          head_lr: float | None = None, max_epochs: int | None = None, desc: str = "train",
+          progress: bool = True) -> History:
+    """Train ``model`` (already built by ``recipe.build``) with ``recipe`` on ``splits``
+    (default ``topic_splits()``); ``lr``, ``head_lr`` and ``max_epochs`` override the recipe (the
+    search, or a notebook's smaller budget)."""
+    splits = topic_splits() if splits is None else splits
+    return fit(model, splits["train"], recipe.collate(tokenizer), splits["validation"],
+               epochs=max_epochs or recipe.max_epochs, batch_size=recipe.batch_size, lr=lr or recipe.lr,
+               head_lr=head_lr or recipe.head_lr, patience=recipe.patience, seed=seed, desc=desc, progress=progress)
+
+
+def run(name: str, seed: int = 0, splits=None, **overrides) -> tuple[torch.nn.Module, History]:
+    """Build and train the method ``name`` from a fresh classifier drawn from ``seed``."""
+    recipe = RECIPES[name]
+    model, tokenizer = classifier(seed)
+    model = recipe.build(model, tokenizer)
+    return model, train(model, tokenizer, recipe, splits, seed=seed, desc=name, **overrides)
