@@ -98,12 +98,12 @@ RECIPES = {
     "linear probe": Recipe(linear_probe, lr=HEAD_LR, head_lr=HEAD_LR, lr_grid=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
                            searches_head=True),
     "Houlsby adapters": Recipe(adapters("houlsby"), lr=1e-3, head_lr=HEAD_LR, lr_grid=GRID),
-    "Pfeiffer adapters": Recipe(adapters("pfeiffer"), lr=1e-3, head_lr=HEAD_LR, lr_grid=GRID),
-    "LoRA q/v": Recipe(lora(["query", "value"]), lr=1e-3, head_lr=HEAD_LR, lr_grid=GRID),
-    "LoRA all-linear": Recipe(lora("all-linear"), lr=1e-3, head_lr=HEAD_LR, lr_grid=GRID),
+    "Pfeiffer adapters": Recipe(adapters("pfeiffer"), lr=3e-4, head_lr=HEAD_LR, lr_grid=GRID),
+    "LoRA q/v": Recipe(lora(["query", "value"]), lr=3e-4, head_lr=HEAD_LR, lr_grid=GRID),
+    "LoRA all-linear": Recipe(lora("all-linear"), lr=3e-3, head_lr=HEAD_LR, lr_grid=GRID),
     "prompt tuning": Recipe(prompt_tuning, lr=3e-2, head_lr=HEAD_LR, lr_grid=(3e-3, 1e-2, 3e-2, 1e-1)),
-    "P-tuning LSTM": Recipe(p_tuning("lstm"), lr=1e-3, head_lr=HEAD_LR, lr_grid=GRID),
-    "P-tuning MLP": Recipe(p_tuning("mlp"), lr=1e-3, head_lr=HEAD_LR, lr_grid=GRID),
+    "P-tuning LSTM": Recipe(p_tuning("lstm"), lr=1e-2, head_lr=HEAD_LR, lr_grid=GRID),
+    "P-tuning MLP": Recipe(p_tuning("mlp"), lr=3e-3, head_lr=HEAD_LR, lr_grid=GRID),
     "QLoRA all-linear": Recipe(lora("all-linear", quantize=True), lr=1e-3, head_lr=HEAD_LR, lr_grid=GRID),
 }
 

@@ -25,7 +25,7 @@ def no_network(monkeypatch):
 # --- loaders ------------------------------------------------------------------------------
 
 def test_encoder_loads_offline(no_network):
-    model, tok = models.load_encoder(num_labels=3)
+    model, tok = models.load_encoder(num_labels=3, pooling="cls")
     assert type(model).__name__ == "BertForSequenceClassification"
     assert model.classifier.out_features == 3
     assert sum(p.numel() for p in model.bert.parameters()) == 22_713_216
