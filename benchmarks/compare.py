@@ -375,13 +375,16 @@ def main(argv=None) -> dict:
                                      "state; resident-memory peak of the third training step above the steady "
                                      "state before it (activations + gradients + temporaries)"}}
     gen_names = ["frozen (no training)", *args.generation_methods] if args.generation_methods else []
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-        futures = [pool.submit(run_topic, n, threads=args.threads, progress=progress,
-                               **(dict(quick, grid=(RECIPES[n].lr,)) if args.quick else {}))
-                   for n in args.topic_methods]
-        futures += [pool.submit(run_generation, n, threads=args.threads, progress=progress, **lm) for n in gen_names]
-        rows = [f.result() for f in futures]
+    calls = [(run_topic, n, dict(threads=args.threads, progress=progress,
+                                 **(dict(quick, grid=(RECIPES[n].lr,)) if args.quick else {})))
+             for n in args.topic_methods]
+    calls += [(run_generation, n, dict(threads=args.threads, progress=progress, **lm)) for n in gen_names]
+    if args.jobs == 1:  # in this process (also when the script was loaded from a path, as the tests do)
+        rows = [fn(name, **kwargs) for fn, name, kwargs in calls]
+    else:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+            rows = [f.result() for f in [pool.submit(fn, name, **kwargs) for fn, name, kwargs in calls]]
     result["topic_classification"] = rows[: len(args.topic_methods)]
     result["generation"] = rows[len(args.topic_methods):]
     for task, table in (("topic", result["topic_classification"]), ("generation", result["generation"][1:])):
