@@ -215,7 +215,8 @@ def run_topic(name, seeds=(0, 1, 2), max_epochs=None, progress=False, timing_rou
               "trainable": params["trainable"], "total": params["total"], "trainable_percent": params["percent"]}
     if name in PEFT:
         theirs = peft_model(name, classifier(0)[0])  # drawn like ours: the same head and LoRA init
-        train_recipe(theirs, tokenizer, recipe, splits, seed=0, lr=lr, desc=f"{name} (peft)", progress=progress)
+        train_recipe(theirs, tokenizer, recipe, splits, seed=0, lr=lr, max_epochs=max_epochs, desc=f"{name} (peft)",
+                     progress=progress)
         result["peft"] = {"trainable": count_parameters(theirs, show=False)["trainable"],
                           "test_accuracy": evaluate(theirs, splits["test"], collate)["accuracy"]}
         # Timing trains both models a little further, so it comes after every score.
