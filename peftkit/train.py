@@ -201,16 +201,9 @@ def evaluate_loss(model, data, collate, batch_size: int = 32) -> float:
     return evaluate(model, data, collate, batch_size)["loss"]
 
 
-@torch.no_grad()
 def accuracy(model, data, collate, batch_size: int = 64) -> float:
     """Share of examples whose arg-max logit is the label."""
-    model.eval()
-    device = next(model.parameters()).device
-    right = 0
-    for batch in DataLoader(data, batch_size=batch_size, collate_fn=collate):
-        batch = _to(batch, device)
-        right += (model(**batch).logits.argmax(-1) == batch["labels"]).sum().item()
-    return right / len(data)
+    return evaluate(model, data, collate, batch_size)["accuracy"]
 
 
 @torch.no_grad()
