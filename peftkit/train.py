@@ -18,6 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm  # plain text bar: no widget state in committed notebooks
 
+from .prompt_tuning import HEAD_NAMES  # the new heads of HF classifiers (peft's modules_to_save)
+
 
 def seed_everything(seed: int = 0) -> None:
     random.seed(seed)
@@ -51,9 +53,6 @@ def count_parameters(model: torch.nn.Module, name: str = "model", show: bool = T
 
 class TrainingDiverged(RuntimeError):
     pass
-
-
-HEAD_NAMES = ("classifier", "score")  # the new heads of Hugging Face classifiers (peft's modules_to_save)
 
 
 @dataclass
