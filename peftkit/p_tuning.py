@@ -26,7 +26,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .prompt_tuning import PromptTuningModel, SoftPrompt, load_adapter
+try:
+    from .prompt_tuning import PromptTuningModel, SoftPrompt, load_adapter
+except ImportError:  # copied into a project as a plain file, beside prompt_tuning.py
+    from prompt_tuning import PromptTuningModel, SoftPrompt, load_adapter
 
 try:
     from .io import load_tensors

@@ -22,8 +22,12 @@ weights keeps the update whole. This file needs ``lora.py`` and ``nf4.py`` besid
 import torch
 from torch import nn
 
-from .lora import LoRALinear
-from .nf4 import NF4Linear, quantize_model, quantize_nf4
+try:
+    from .lora import LoRALinear
+    from .nf4 import NF4Linear, quantize_model, quantize_nf4
+except ImportError:  # copied into a project as plain files, beside lora.py and nf4.py
+    from lora import LoRALinear
+    from nf4 import NF4Linear, quantize_model, quantize_nf4
 
 
 def prepare_for_qlora(model: nn.Module, skip=("lm_head", "classifier"), double_quant: bool = True,
