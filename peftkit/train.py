@@ -96,7 +96,8 @@ def _check_positive(**values) -> None:
 def fit(model, train_data, collate, val_data=None, *, epochs: int = 3, batch_size: int = 16,
         lr: float = 1e-3, head_lr: float | None = None, patience: int | None = None,
         weight_decay: float = 0.01, warmup: float = 0.1, max_grad_norm: float = 1.0,
-        max_steps: int | None = None, seed: int = 0, desc: str = "train", progress: bool = True) -> History:
+        max_steps: int | None = None, seed: int = 0, desc: str = "train", progress: bool = True,
+        on_epoch=None) -> History:
     """Train the parameters of ``model`` that have ``requires_grad``; returns the History.
 
     ``head_lr``: the learning rate of a new classifier head (parameters under a module named
@@ -104,7 +105,8 @@ def fit(model, train_data, collate, val_data=None, *, epochs: int = 3, batch_siz
     With ``val_data``, every epoch is scored on it (accuracy, ties broken by loss, for a
     classifier; loss for a language model) and the model ends with the weights of the best
     epoch (``History.selected_epoch``). ``patience``: stop after that many epochs without a
-    better validation score.
+    better validation score. ``on_epoch(epoch, model)``: called after every epoch (and its scoring),
+    e.g. to record what a diagnosis needs; it must not train.
     """
     _check_positive(epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, max_steps=max_steps,
                     patience=patience)
@@ -152,6 +154,7 @@ def fit(model, train_data, collate, val_data=None, *, epochs: int = 3, batch_siz
             if step >= total:
                 break
         history.epoch_seconds.append(time.perf_counter() - began)
+        stop = step >= total
         if val_data is not None:
             scores = evaluate(model, val_data, collate)
             history.val_loss.append(scores["loss"])
@@ -161,8 +164,10 @@ def fit(model, train_data, collate, val_data=None, *, epochs: int = 3, batch_siz
                 best = {id(p): p.detach().clone() for p in params}
                 history.selected_epoch = epoch + 1
             elif patience is not None and epoch + 1 - history.best_epoch >= patience:
-                break
-        if step >= total:
+                stop = True
+        if on_epoch is not None:
+            on_epoch(epoch + 1, model)
+        if stop:
             break
     bar.close()
     if best is not None:

@@ -216,3 +216,19 @@ def test_a_recipe_run_reproduces_itself():
     assert ha.train_loss == hb.train_loss and torch.equal(a.classifier.weight, b.classifier.weight)
     assert not torch.equal(a.classifier.weight, recipes.run("linear probe", seed=2, splits=small, max_epochs=2,
                                                             progress=False)[0].classifier.weight)
+
+
+def test_on_epoch_runs_after_each_scored_epoch_even_the_stopping_one():
+    torch.manual_seed(0)
+    seen = []
+    val = toy_data(40, 2, noise=1.0)
+    history = fit(Toy(), toy_data(48, 1, noise=1.0), collate, val, epochs=30, batch_size=8, lr=0.5, warmup=0.0,
+                  patience=2, progress=False,
+                  on_epoch=lambda epoch, model: seen.append((epoch, evaluate(model, val, collate)["accuracy"])))
+    assert [e for e, _ in seen] == list(range(1, len(history.val_loss) + 1)) and len(seen) < 30
+    assert [a for _, a in seen] == history.val_accuracy  # called after the epoch's scoring, before any restore
+
+
+def test_recipes_train_the_whole_schedule_and_keep_the_best_epoch():
+    """No early stopping in the course's protocol: a lucky early peak on 101 examples cost test accuracy."""
+    assert all(r.patience is None and r.max_epochs == 12 for r in recipes.RECIPES.values())
