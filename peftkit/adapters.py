@@ -196,27 +196,39 @@ def add_adapters(model: nn.Module, config="houlsby", **overrides) -> nn.Module:
                                  f"adapters need it to know the hidden size")
             adapter = BottleneckAdapter(base.out_features, config.reduction_factor,
                                         config.non_linearity, config.init_std)
-            weight = getattr(base, "weight", None)
-            if weight is not None:
+            weight = getattr(base, "weight", None)  # a tensor, or a 4-bit peftkit.nf4.NF4Tensor
+            if getattr(weight, "device", None) is not None:
                 # Same device as the base; same dtype unless the base is quantized (then float32).
-                adapter.to(weight.device, weight.dtype if weight.is_floating_point() else torch.float32)
+                floating = isinstance(weight, torch.Tensor) and weight.is_floating_point()
+                adapter.to(weight.device, weight.dtype if floating else torch.float32)
             plan.append((layer, path, AdaptedSublayer(base, adapter)))
 
-    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.requires_grad_(False)
-    for layer, path, wrapped in plan:
-        parent, _, attr = path.rpartition(".")
-        setattr(_get(layer, parent), attr, wrapped)
-        wrapped.adapter.requires_grad_(True)
+    trained = [wrapped.adapter for _, _, wrapped in plan] + list(to_save.values())
     if PLACEMENTS[config.placement]["train_norms"]:
-        for _, layer in layers:
-            for path in FAMILIES[family]["norms"]:
-                _get(layer, path).requires_grad_(True)
-    for module in to_save.values():
-        module.requires_grad_(True)
-    # Kept on the model so that saving knows the config and removing can restore the flags.
-    model._peftkit_adapters = {"config": config, "requires_grad": requires_grad}
+        trained += [_get(layer, path) for _, layer in layers for path in FAMILIES[family]["norms"]]
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        model.requires_grad_(False)
+        for layer, path, wrapped in plan:
+            parent, _, attr = path.rpartition(".")
+            setattr(_get(layer, parent), attr, wrapped)
+        for module in trained:
+            module.requires_grad_(True)
+        # Kept on the model: saving needs the config and what trains, removing the old flags.
+        model._peftkit_adapters = {"config": config, "requires_grad": requires_grad, "trained": trained}
+    except BaseException:
+        _unwrap(model, requires_grad)  # as it came, whatever went wrong
+        raise
     return model
+
+
+def _unwrap(model: nn.Module, requires_grad: dict) -> None:
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedSublayer)]:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, module.base)
+    for n, p in model.named_parameters():
+        p.requires_grad_(requires_grad.get(n, p.requires_grad))
+    model.__dict__.pop("_peftkit_adapters", None)
 
 
 def remove_adapters(model: nn.Module) -> nn.Module:
@@ -225,16 +237,9 @@ def remove_adapters(model: nn.Module) -> nn.Module:
     Norms ("houlsby") and modules_to_save keep the values they were trained to: they are
     the model's own modules, not wrappers, so save them (save_adapters) to keep both versions.
     """
-    wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedSublayer)]
-    if not wrapped:
+    if not any(isinstance(m, AdaptedSublayer) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} has no adapters to remove")
-    for name, module in wrapped:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, module.base)
-    state = model.__dict__.pop("_peftkit_adapters", None)
-    if state is not None:
-        for n, p in model.named_parameters():
-            p.requires_grad_(state["requires_grad"].get(n, p.requires_grad))
+    _unwrap(model, model.__dict__.get("_peftkit_adapters", {}).get("requires_grad", {}))
     return model
 
 
@@ -244,10 +249,10 @@ def adapter_config(model: nn.Module) -> AdapterConfig:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What an adapted model trains, hence what a checkpoint needs: adapters, norms (houlsby),
-    modules_to_save. The same tensors peftkit.io.save_adapter writes (every requires_grad one)."""
-    _adapter_state(model)
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    """What the technique trains, hence what a checkpoint holds: the adapters, the norms
+    ("houlsby") and the modules_to_save -- by default, every parameter with requires_grad."""
+    ids = {id(p) for module in _adapter_state(model)["trained"] for p in module.parameters()}
+    return {n: p.detach() for n, p in model.named_parameters() if id(p) in ids}
 
 
 def _io():
@@ -261,21 +266,28 @@ def _io():
 def save_adapters(model: nn.Module, path):
     """Write adapter_state_dict(model) and the config to one safetensors file; returns its path."""
     config = {"technique": TECHNIQUE, **asdict(adapter_config(model))}
-    return _io().save_adapter(model, path, config=config)
+    return _io().save_tensors(adapter_state_dict(model), path, config)
 
 
 def load_adapters(model: nn.Module, path) -> AdapterConfig:
     """Load a file written by save_adapters into ``model``; returns the saved config.
 
-    A model without adapters first gets them, with the saved config. On any mismatch a
-    ValueError says what differs, and the model is left as it was.
+    A model without adapters first gets them, with the saved config. The file must hold
+    exactly adapter_state_dict's keys: other keys (a frozen base weight, say), missing keys,
+    another shape or config are a ValueError saying what differs. On that or any other error
+    (an I/O error, an interruption) the model is left as it was.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_adapters needs a torch.nn.Module, got {type(model).__name__}")
     io = _io()
-    _, saved = io.load_tensors(path)
+    tensors, saved = io.load_tensors(path)
     if saved.pop("technique", None) != TECHNIQUE:
         raise ValueError(f"{path} was not written by save_adapters (its config is {saved}); "
                          f"use the loader of the technique that saved it")
-    saved = AdapterConfig(**saved)
+    try:
+        saved = AdapterConfig(**saved)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path} holds an adapter config peftkit cannot use: {saved} ({err})") from err
     added = "_peftkit_adapters" not in model.__dict__
     if added:
         add_adapters(model, saved)
@@ -286,8 +298,8 @@ def load_adapters(model: nn.Module, path) -> AdapterConfig:
         if diff:
             raise ValueError(f"{path} holds adapters with a different config, as (file, model): {diff}; "
                              f"add_adapters with the file's config {saved} before loading")
-        io.load_adapter(model, path)
-    except Exception:
+        io.copy_tensors(model, tensors, adapter_state_dict(model), source=path, config=asdict(saved))
+    except BaseException:
         if added:
             remove_adapters(model)
         raise

@@ -22,7 +22,6 @@ plain linear costs. The names follow Hugging Face peft (``rank`` is peft's ``r``
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -38,13 +37,15 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_4bit(module)
 
 
-def _check_hyperparameters(rank, alpha, dropout) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+def _check_hyperparameters(rank, alpha, dropout, rslora=False) -> None:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise ValueError(f"rank (peft's r) must be a positive int such as 8, got {rank!r}")
-    if not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise ValueError(f"alpha must be a positive number such as 16 (scaling = alpha/rank), got {alpha!r}")
-    if not 0 <= dropout < 1:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:  # NaN too
+        raise ValueError(f"alpha must be a positive finite number such as 16 (scaling = alpha/rank), got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"dropout is a probability in [0, 1), got {dropout!r}")
+    if not isinstance(rslora, bool):
+        raise TypeError(f"rslora must be True or False, got {rslora!r}")
 
 
 @dataclass
@@ -66,8 +67,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not _is_linear(base):
             raise TypeError(f"LoRALinear wraps an nn.Linear or a peftkit 4-bit linear, got {type(base).__name__}")
-        _check_hyperparameters(rank, alpha, dropout)
-        self.base = base.requires_grad_(False)
+        _check_hyperparameters(rank, alpha, dropout, rslora)
+        self.base = base
         self.rank, self.alpha, self.rslora = rank, alpha, rslora
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -82,6 +83,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.merged = False
+        base.requires_grad_(False)  # last: a failed construction leaves the base as it was
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)  # (..., out)
@@ -154,9 +156,16 @@ def add_lora(model, target_modules, rank=8, alpha=16, dropout=0.0, rslora=False,
     ``target_modules``: names matched exactly or as a dotted suffix (``"query"`` matches
     ``bert.encoder.layer.0.attention.self.query``), or ``"all-linear"`` (every linear except the
     output head). ``modules_to_save``: modules trained in full, e.g. ``["classifier"]``.
-    Returns ``model``; its ``lora_config`` attribute records what was done.
+    Returns ``model``; its ``lora_config`` attribute records what was done. Everything is
+    checked before the model changes; on any error the model is left as it was.
     """
-    _check_hyperparameters(rank, alpha, dropout)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"add_lora needs a torch.nn.Module, got {type(model).__name__}")
+    _check_hyperparameters(rank, alpha, dropout, rslora)
+    for arg, names in (("target_modules", target_modules), ("modules_to_save", modules_to_save)):
+        names = [names] if isinstance(names, str) else names
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"{arg} must be a module name or a list of names, got {names!r}")
     if _lora_layers(model):
         raise ValueError(f"the model already has LoRA layers ({_lora_layers(model)[0][0]}, ...): call "
                          "add_lora once with every target, or merge_lora(model) first")
@@ -187,13 +196,28 @@ def add_lora(model, target_modules, rank=8, alpha=16, dropout=0.0, rslora=False,
                             f"matched {wrong}; target the linears inside instead, named {short_names}")
     if not targets:
         raise ValueError(f"target_modules {target_modules!r} left no linear layer outside modules_to_save")
-    model.requires_grad_(False)
-    for name in targets:
-        _set_module(model, name, LoRALinear(modules[name], rank, alpha, dropout, rslora))
-    for name in saved:
-        modules[name].requires_grad_(True)
-    model.lora_config = LoRAConfig(targets, rank, alpha, dropout, rslora, saved)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        wrappers = {name: LoRALinear(modules[name], rank, alpha, dropout, rslora) for name in targets}
+        model.requires_grad_(False)
+        for name, wrapper in wrappers.items():
+            _set_module(model, name, wrapper)
+        for name in saved:
+            modules[name].requires_grad_(True)
+        model.lora_config = LoRAConfig(targets, rank, alpha, dropout, rslora, saved)
+    except BaseException:
+        _remove_lora(model, flags)
+        raise
     return model
+
+
+def _remove_lora(model: nn.Module, flags: dict[str, bool]) -> None:
+    """Undo add_lora: the bases back in place, each parameter's requires_grad as in ``flags``."""
+    for name, layer in _lora_layers(model):
+        _set_module(model, name, layer.base)
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags.get(n, p.requires_grad))
+    model.__dict__.pop("lora_config", None)
 
 
 def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
@@ -240,35 +264,57 @@ def _io():
 
 
 def save_adapter(model: nn.Module, path):
-    """Write the trained tensors and the LoRA config to one safetensors file, atomically."""
-    if not hasattr(model, "lora_config"):
+    """Write ``lora_state_dict(model)`` and the LoRA config to one safetensors file, atomically."""
+    if not isinstance(getattr(model, "lora_config", None), LoRAConfig):
         raise ValueError("the model has no LoRA layers: call add_lora(model, target_modules) first")
-    return _io().save_adapter(model, path, config={"technique": "lora", **asdict(model.lora_config)})
+    config = {"technique": "lora", **asdict(model.lora_config)}
+    return _io().save_tensors(lora_state_dict(model), path, config)
+
+
+def _check_loadable(layers, config: LoRAConfig, path) -> None:
+    merged = [n for n, layer in layers if layer.merged]
+    if merged:  # a later unmerge would subtract the loaded B A, not the one merged in
+        raise ValueError(f"the model's LoRA is merged into its base weights ({merged[0]}, ...): call "
+                         f"unmerge_lora(model) before load_adapter")
+    ours = sorted({(layer.alpha, layer.rslora) for _, layer in layers})
+    if ours != [(config.alpha, config.rslora)]:
+        model_has = "; ".join(f"alpha={a}, rslora={r}" for a, r in ours)
+        raise ValueError(f"{path} was trained with alpha={config.alpha}, rslora={config.rslora}, but the model's "
+                         f"LoRA layers have {model_has}: the update would be scaled wrongly. Load into a model "
+                         f"without LoRA (load_adapter then adds it with the file's config), or add_lora with "
+                         f"alpha={config.alpha}, rslora={config.rslora}")
 
 
 def load_adapter(model: nn.Module, path) -> LoRAConfig:
     """Load what ``save_adapter`` wrote, injecting LoRA from the saved config if ``model`` has none.
 
-    A file that does not fit raises ValueError naming the keys, and leaves ``model`` unchanged.
+    The file must hold exactly what LoRA trains (each lora_A/lora_B, the modules_to_save), in
+    the model's shapes; other keys (a frozen base weight, say) or missing ones are a ValueError
+    listing them. A model whose LoRA has another alpha or rslora than the file's is refused
+    rather than silently computing with its own scaling, and so is a merged model (unmerge
+    first). ``dropout`` acts only in training: the model keeps its own. On any error or
+    interruption the model is left exactly as it came.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_adapter needs a torch.nn.Module, got {type(model).__name__}")
     io = _io()
-    config = io.load_tensors(path)[1]
+    tensors, config = io.load_tensors(path)
     if config.pop("technique", None) != "lora":
         raise ValueError(f"{path} holds no LoRA adapter (saved config: {config})")
-    config = LoRAConfig(**config)
-    if _lora_layers(model):
-        io.load_adapter(model, path)
-        return config
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    add_lora(model, **asdict(config))
     try:
-        io.load_adapter(model, path)
-    except ValueError:
-        for name, layer in _lora_layers(model):  # put the model back as it came
-            _set_module(model, name, layer.base)
-        for n, p in model.named_parameters():
-            p.requires_grad_(n in trainable)
-        del model.lora_config
+        config = LoRAConfig(**config)
+    except TypeError as err:
+        raise ValueError(f"{path} holds a LoRA config peftkit cannot read: {config}") from err
+    layers, flags = _lora_layers(model), {n: p.requires_grad for n, p in model.named_parameters()}
+    if layers:
+        _check_loadable(layers, config, path)
+    else:
+        add_lora(model, **asdict(config))  # checks the saved config; changes nothing if it fails
+    try:
+        io.copy_tensors(model, tensors, lora_state_dict(model), source=path, config=asdict(config))
+    except BaseException:
+        if not layers:
+            _remove_lora(model, flags)  # put the model back as it came
         raise
     return config
 
@@ -276,8 +322,12 @@ def load_adapter(model: nn.Module, path) -> LoRAConfig:
 def export_peft(model: nn.Module, path, base_model_name_or_path: str | None):
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in Hugging Face peft's format.
 
-    ``peft.PeftModel.from_pretrained(base_model, path)`` then rebuilds the same model.
+    ``peft.PeftModel.from_pretrained(base_model, path)`` then rebuilds the same model. Both files
+    are written into a temporary folder that then replaces ``path`` whole (other files in it are
+    kept): an interrupted export leaves an earlier one intact.
     """
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise TypeError(f"base_model_name_or_path must be a str or None, got {base_model_name_or_path!r}")
     tensors = {f"base_model.model.{k}": v for k, v in lora_state_dict(model).items()}
     cfg = model.lora_config
     peft_config = {  # peft fills in its defaults for every field left out
@@ -286,9 +336,8 @@ def export_peft(model: nn.Module, path, base_model_name_or_path: str | None):
         "target_modules": cfg.target_modules,  # full names: peft then wraps exactly these layers
         "modules_to_save": cfg.modules_to_save or None, "bias": "none", "inference_mode": True,
     }
-    _io().save_tensors(tensors, os.path.join(path, "adapter_model.safetensors"), peft_config)
-    tmp = os.path.join(path, ".adapter_config.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(peft_config, f, indent=2)
-    os.replace(tmp, os.path.join(path, "adapter_config.json"))
+    io = _io()
+    with io.atomic_folder(path) as folder:
+        io.save_tensors(tensors, folder / "adapter_model.safetensors", peft_config)
+        (folder / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
     return path
