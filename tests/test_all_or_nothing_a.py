@@ -1,0 +1,484 @@
+"""Issue 14, LoRA / bottleneck adapters / io: every load, save and wrap does all it says or
+leaves the model and the files exactly as they were; adapter files hold only what the
+technique trains; corrupt files and bad arguments get errors that name them."""
+
+import copy
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors import SafetensorError
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+import peftkit.adapters as adapters_module
+import peftkit.lora as lora_module
+from peftkit import io
+from peftkit.adapters import (AdaptedSublayer, BottleneckAdapter, adapter_state_dict, add_adapters,
+                              load_adapters, remove_adapters, save_adapters)
+from peftkit.lora import (LoRALinear, add_lora, export_peft, load_adapter, lora_state_dict, merge_lora,
+                          save_adapter, unmerge_lora)
+from peftkit.nf4 import quantize_model
+
+torch.set_num_threads(1)
+IDS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+FROZEN_KEY = "bert.embeddings.word_embeddings.weight"
+INTERRUPTS = [OSError("disk went away"), RuntimeError("boom"), KeyboardInterrupt()]
+
+
+def tiny_bert(seed=0):
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, num_labels=3)
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def randomize_(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def snapshot(model):
+    """Everything a failed operation must leave as it was: modules, values, flags, attributes."""
+    return ([(n, type(m)) for n, m in model.named_modules()],
+            {n: t.clone() for n, t in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            sorted(k for k in vars(model) if k in ("lora_config", "_peftkit_adapters")))
+
+
+def assert_unchanged(model, before):
+    modules, state, flags, attrs = snapshot(model)
+    assert modules == before[0]
+    assert state.keys() == before[1].keys()
+    assert all(torch.equal(t, before[1][n]) for n, t in state.items())  # bit-exact
+    assert flags == before[2] and attrs == before[3]
+
+
+def trained_lora(tmp_path, **kwargs):
+    model = randomize_(add_lora(tiny_bert(), ["query", "value"], rank=4, modules_to_save=["classifier"], **kwargs))
+    return model, save_adapter(model, tmp_path / "lora.safetensors")
+
+
+def resave_with(path, extra=(), drop=()):
+    """The same adapter file with some keys added (from a frozen base model) or removed."""
+    tensors, config = io.load_tensors(path)
+    base = dict(tiny_bert(seed=9).named_parameters())
+    tensors = {**{k: v for k, v in tensors.items() if k not in drop}, **{k: base[k].detach() for k in extra}}
+    return io.save_tensors(tensors, path.with_name("edited.safetensors"), config)
+
+
+# --- 1. only the technique's trained tensors may be loaded --------------------------------------
+
+@pytest.mark.parametrize("injected", [False, True])
+def test_lora_file_with_a_frozen_base_weight_is_refused(tmp_path, injected):
+    _, path = trained_lora(tmp_path)
+    bad = resave_with(path, extra=[FROZEN_KEY])
+    model = tiny_bert(seed=1)
+    if injected:
+        add_lora(model, ["query", "value"], rank=4, modules_to_save=["classifier"])
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"unexpected keys \['{FROZEN_KEY}'\].*may not overwrite"):
+        load_adapter(model, bad)
+    assert_unchanged(model, before)
+
+
+def test_lora_strict_even_when_the_user_unfroze_a_base_weight(tmp_path):
+    _, path = trained_lora(tmp_path)
+    model = add_lora(tiny_bert(seed=1), ["query", "value"], rank=4, modules_to_save=["classifier"])
+    model.get_parameter(FROZEN_KEY).requires_grad_(True)  # trainable now, but not LoRA's
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="unexpected keys"):
+        load_adapter(model, resave_with(path, extra=[FROZEN_KEY]))
+    assert_unchanged(model, before)
+    # save_adapter writes LoRA's tensors only, so its own files still load into such a model.
+    assert FROZEN_KEY not in io.load_tensors(save_adapter(model, tmp_path / "again.safetensors"))[0]
+
+
+def test_lora_file_missing_a_key_is_refused(tmp_path):
+    _, path = trained_lora(tmp_path)
+    model = tiny_bert(seed=1)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"missing keys \['classifier.bias'\], unexpected keys \[\]"):
+        load_adapter(model, resave_with(path, drop=["classifier.bias"]))
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("injected", [False, True])
+def test_adapter_file_with_a_frozen_base_weight_is_refused(tmp_path, injected):
+    trained = randomize_(add_adapters(tiny_bert(), "houlsby", reduction_factor=4, modules_to_save=["classifier"]))
+    path = save_adapters(trained, tmp_path / "adapters.safetensors")
+    bad = resave_with(path, extra=[FROZEN_KEY, "bert.pooler.dense.weight"])
+    model = tiny_bert(seed=1)
+    if injected:
+        add_adapters(model, "houlsby", reduction_factor=4, modules_to_save=["classifier"])
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"unexpected keys \['bert.embeddings.word_embeddings.weight', "
+                                         r"'bert.pooler.dense.weight'\]"):
+        load_adapters(model, bad)
+    assert_unchanged(model, before)
+    load_adapters(model, path)  # the file as saved loads, bit-exactly
+    assert all(torch.equal(model.get_parameter(n), t) for n, t in adapter_state_dict(trained).items())
+
+
+def test_io_load_adapter_refuses_frozen_keys_by_default(tmp_path):
+    model = tiny_bert()
+    model.requires_grad_(False)
+    model.classifier.requires_grad_(True)
+    path = io.save_tensors({"classifier.weight": torch.ones(3, 32), "classifier.bias": torch.ones(3),
+                            FROZEN_KEY: torch.zeros(100, 32)}, tmp_path / "x.safetensors")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"unexpected keys \['{FROZEN_KEY}'\]"):
+        io.load_adapter(model, path)
+    assert_unchanged(model, before)
+
+
+def test_adapter_state_dict_is_what_the_technique_trains():
+    model = add_adapters(tiny_bert(), "pfeiffer", reduction_factor=4, modules_to_save=["classifier"])
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    model.bert.embeddings.requires_grad_(True)  # a user's own unfreezing is not the adapters'
+    assert set(adapter_state_dict(model)) == expected
+
+
+# --- 2. LoRA loads that would be silently wrong --------------------------------------------------
+
+@pytest.mark.parametrize("other", [{"alpha": 8}, {"rslora": True}])
+def test_lora_other_scaling_is_refused_naming_both(tmp_path, other):
+    _, path = trained_lora(tmp_path)  # alpha=16, rslora=False
+    model = add_lora(tiny_bert(seed=1), ["query", "value"], rank=4, modules_to_save=["classifier"], **other)
+    before = snapshot(model)
+    mine = f"alpha={other.get('alpha', 16)}, rslora={other.get('rslora', False)}"
+    with pytest.raises(ValueError, match=rf"alpha=16, rslora=False, but the model's LoRA layers have {mine}"):
+        load_adapter(model, path)
+    assert_unchanged(model, before)
+
+
+def test_lora_bare_model_gets_the_files_scaling(tmp_path):
+    trained, path = trained_lora(tmp_path, alpha=5, rslora=True)
+    model = tiny_bert()  # the same frozen base
+    config = load_adapter(model, path)
+    assert (config.alpha, config.rslora) == (5, True)
+    layer = model.bert.encoder.layer[0].attention.self.query
+    assert layer.scaling == 5 / math.sqrt(4)
+    assert torch.equal(model(input_ids=IDS).logits, trained(input_ids=IDS).logits)
+
+
+def test_lora_other_dropout_loads(tmp_path):
+    trained, path = trained_lora(tmp_path)
+    model = add_lora(tiny_bert(), ["query", "value"], rank=4, dropout=0.1, modules_to_save=["classifier"])
+    load_adapter(model, path)
+    model.eval()  # dropout acts in training only
+    assert torch.equal(model(input_ids=IDS).logits, trained(input_ids=IDS).logits)
+
+
+def test_lora_load_into_merged_model_is_refused_and_unmerge_stays_exact(tmp_path):
+    _, path = trained_lora(tmp_path)
+    model = randomize_(add_lora(tiny_bert(seed=1), ["query", "value"], rank=4, modules_to_save=["classifier"]),
+                       seed=7)
+    bases = {n: p.clone() for n, p in model.named_parameters() if n.endswith("base.weight")}
+    merge_lora(model, unload=False)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"merged.*unmerge_lora\(model\) before load_adapter"):
+        load_adapter(model, path)
+    assert_unchanged(model, before)
+    unmerge_lora(model)
+    torch.testing.assert_close({n: p for n, p in model.named_parameters() if n in bases}, bases)
+    load_adapter(model, path)  # unmerged: loads
+
+
+# --- 3. rollback on any exception; arguments checked first ---------------------------------------
+
+@pytest.mark.parametrize("error", INTERRUPTS, ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("injected", [False, True])
+def test_lora_load_interrupted_rolls_back(tmp_path, monkeypatch, error, injected):
+    _, path = trained_lora(tmp_path)
+    model = tiny_bert(seed=1)
+    if injected:
+        randomize_(add_lora(model, ["query", "value"], rank=4, modules_to_save=["classifier"]), seed=5)
+    before = snapshot(model)
+
+    def fail(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(io, "copy_tensors", fail)
+    with pytest.raises(type(error)):
+        load_adapter(model, path)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("error", INTERRUPTS, ids=lambda e: type(e).__name__)
+def test_adapters_load_interrupted_rolls_back(tmp_path, monkeypatch, error):
+    path = save_adapters(add_adapters(tiny_bert(), "houlsby", reduction_factor=4), tmp_path / "a.safetensors")
+    model = tiny_bert(seed=1)
+    before = snapshot(model)
+
+    def fail(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(io, "copy_tensors", fail)
+    with pytest.raises(type(error)):
+        load_adapters(model, path)
+    assert_unchanged(model, before)
+
+
+def test_copy_that_fails_halfway_puts_the_earlier_tensors_back():
+    model = randomize_(add_lora(tiny_bert(), ["query", "value"], rank=4))
+    before = snapshot(model)
+    names = sorted(lora_state_dict(model))
+    tensors = {n: torch.full_like(model.get_parameter(n), 7.0) for n in names}
+    tensors[names[-1]] = torch.empty(model.get_parameter(names[-1]).shape, device="meta")  # copy_ fails on it
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        io.copy_tensors(model, tensors, names)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("step", ["building a LoRALinear", "swapping it in"])
+@pytest.mark.parametrize("error", INTERRUPTS, ids=lambda e: type(e).__name__)
+def test_add_lora_interrupted_at_each_step_rolls_back(monkeypatch, step, error):
+    model = tiny_bert()
+    model.bert.embeddings.requires_grad_(False)  # the user's own flags must come back too
+    before = snapshot(model)
+    owner, name = (LoRALinear, "__init__") if step.startswith("building") else (lora_module, "_set_module")
+    real, calls = getattr(owner, name), []
+
+    def third_call_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise error
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, third_call_fails)
+    with pytest.raises(type(error)):
+        add_lora(model, ["query", "value"], modules_to_save=["classifier"])
+    assert len(calls) >= 3
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("error", INTERRUPTS, ids=lambda e: type(e).__name__)
+def test_add_adapters_interrupted_after_wrapping_rolls_back(monkeypatch, error):
+    model = tiny_bert()
+    before = snapshot(model)
+
+    def fail(self, requires_grad=True):
+        raise error
+    monkeypatch.setattr(BottleneckAdapter, "requires_grad_", fail, raising=False)  # after every wrap
+    with pytest.raises(type(error)):
+        add_adapters(model, "houlsby", reduction_factor=4, modules_to_save=["classifier"])
+    assert_unchanged(model, before)
+    monkeypatch.undo()
+    add_adapters(model, "houlsby", reduction_factor=4)  # and it can be added afterwards
+    assert remove_adapters(model) is model
+
+
+def test_add_adapters_failing_while_building_changes_nothing(monkeypatch):
+    model = tiny_bert()
+    before = snapshot(model)
+    real, calls = BottleneckAdapter.__init__, []
+
+    def second_fails(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("out of memory")
+        real(self, *args, **kwargs)
+    monkeypatch.setattr(adapters_module.BottleneckAdapter, "__init__", second_fails)
+    with pytest.raises(MemoryError):
+        add_adapters(model, "houlsby", reduction_factor=4)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -float("inf"), True])
+def test_lora_alpha_must_be_finite(alpha):
+    model = tiny_bert()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="alpha must be a positive finite number"):
+        add_lora(model, ["query"], alpha=alpha)
+    assert_unchanged(model, before)
+    with pytest.raises(ValueError, match="alpha"):
+        LoRALinear(nn.Linear(4, 4), alpha=alpha)
+
+
+def test_lora_saved_nan_alpha_is_refused_before_injecting(tmp_path):
+    _, path = trained_lora(tmp_path)
+    tensors, config = io.load_tensors(path)
+    bad = io.save_tensors(tensors, tmp_path / "nan.safetensors", {**config, "alpha": float("nan")})
+    model = tiny_bert(seed=1)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="alpha must be a positive finite number"):
+        load_adapter(model, bad)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({"target_modules": 3}, TypeError, "target_modules must be a module name or a list"),
+    ({"target_modules": ["query", None]}, TypeError, "target_modules"),
+    ({"target_modules": ["query"], "modules_to_save": [nn.Linear(1, 1)]}, TypeError, "modules_to_save"),
+    ({"target_modules": ["query"], "rslora": "yes"}, TypeError, "rslora must be True or False"),
+    ({"target_modules": ["query"], "dropout": "0.1"}, ValueError, "dropout"),
+])
+def test_add_lora_argument_checks(kwargs, error, message):
+    model = tiny_bert()
+    before = snapshot(model)
+    with pytest.raises(error, match=message):
+        add_lora(model, **kwargs)
+    assert_unchanged(model, before)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        add_lora("bert", ["query"])
+
+
+def test_entry_points_check_model_and_path_types(tmp_path):
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        load_adapter("bert", tmp_path / "x.safetensors")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        load_adapters(None, tmp_path / "x.safetensors")
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+        load_adapter(tiny_bert(), 42)
+    with pytest.raises(TypeError, match="base_model_name_or_path"):
+        export_peft(add_lora(tiny_bert(), ["query"]), tmp_path / "out", 42)
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        save_adapter(add_lora(tiny_bert(), ["query"]), tmp_path)
+    with pytest.raises(TypeError, match="config must hold only JSON"):
+        io.save_tensors({"a": torch.ones(1)}, tmp_path / "a.safetensors", {"x": object()})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_add_adapters_on_a_4bit_llama():
+    model = quantize_model(tiny_llama())
+    add_adapters(model, "houlsby", reduction_factor=4)
+    o_proj = model.model.layers[0].self_attn.o_proj
+    assert isinstance(o_proj, AdaptedSublayer) and o_proj.adapter.adapter_down.weight.dtype == torch.float32
+    model(input_ids=IDS).logits.pow(2).mean().backward()
+    assert o_proj.adapter.adapter_up.weight.grad.abs().sum() > 0
+
+
+# --- 4. a peft export is written whole or not at all ----------------------------------------------
+
+def folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def exported(tmp_path):
+    out = tmp_path / "export"
+    export_peft(randomize_(add_lora(tiny_bert(), ["query", "value"], rank=4, alpha=8)), out, "tiny")
+    (out / "README.md").write_text("my notes")  # a file of the user's, kept by every re-export
+    return out, folder_bytes(out)
+
+
+@pytest.mark.parametrize("where", ["weights", "config", "swap"])
+@pytest.mark.parametrize("error", INTERRUPTS, ids=lambda e: type(e).__name__)
+def test_interrupted_re_export_leaves_the_old_export(tmp_path, monkeypatch, where, error):
+    out, old = exported(tmp_path)
+    new = randomize_(add_lora(tiny_bert(), ["query", "value"], rank=4, alpha=32), seed=11)
+
+    def fail(*args, **kwargs):
+        raise error
+    if where == "weights":
+        monkeypatch.setattr(io, "save_file", fail)
+    elif where == "config":
+        monkeypatch.setattr(type(out), "write_text", fail)
+    else:  # the old folder moved aside, the new one not yet in place
+        real_rename, calls = os.rename, []
+
+        def second_rename_fails(src, dst):
+            calls.append(dst)
+            if len(calls) == 2:
+                raise error
+            real_rename(src, dst)
+        monkeypatch.setattr(io.os, "rename", second_rename_fails)
+    with pytest.raises(type(error)):
+        export_peft(new, out, "tiny")
+    monkeypatch.undo()
+    assert folder_bytes(out) == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temp files beside it
+
+
+def test_re_export_replaces_both_files_and_keeps_others(tmp_path):
+    out, old = exported(tmp_path)
+    export_peft(randomize_(add_lora(tiny_bert(), ["query", "value"], rank=4, alpha=32), seed=11), out, "tiny")
+    now = folder_bytes(out)
+    assert sorted(now) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert now["README.md"] == b"my notes" and now["adapter_model.safetensors"] != old["adapter_model.safetensors"]
+    assert json.loads(now["adapter_config.json"])["lora_alpha"] == 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_export_into_a_file_or_the_working_folder_is_refused(tmp_path, monkeypatch):
+    model = add_lora(tiny_bert(), ["query"])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        export_peft(model, tmp_path / "file", None)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="working folder"):
+        export_peft(model, ".", None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_interrupted_save_leaves_the_old_file(tmp_path, monkeypatch):
+    model, path = trained_lora(tmp_path)
+    old = path.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(io, "save_file", fail)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(randomize_(model, seed=8), path)
+    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]
+
+
+# --- 5. corrupt files name their path ------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+@pytest.mark.parametrize("technique", ["lora", "adapters"])
+def test_corrupt_file_error_names_the_path(tmp_path, damage, technique):
+    if technique == "lora":
+        _, path = trained_lora(tmp_path)
+        load = load_adapter
+    else:
+        path = save_adapters(add_adapters(tiny_bert(), "pfeiffer", reduction_factor=4), tmp_path / "a.safetensors")
+        load = load_adapters
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) - 100], "garbage": b"\x00not a safetensors file" * 50,
+                      "empty": b""}[damage])
+    model = tiny_bert(seed=1)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="not a complete safetensors file") as info:
+        load(model, path)
+    assert str(path) in str(info.value)
+    assert isinstance(info.value.__cause__, SafetensorError)
+    assert_unchanged(model, before)
+
+
+def test_file_with_a_broken_config_names_the_path(tmp_path):
+    from safetensors.torch import save_file
+    path = tmp_path / "bad.safetensors"
+    save_file({"a": torch.ones(2)}, path, metadata={"config": "{not json"})
+    with pytest.raises(ValueError, match=f"cannot read {path}") as info:
+        io.load_tensors(path)
+    assert isinstance(info.value.__cause__, json.JSONDecodeError)
+    save_file({"a": torch.ones(2)}, path, metadata={"config": "[1, 2]"})
+    with pytest.raises(ValueError, match="not a JSON object"):
+        load_adapter(tiny_bert(), path)
+
+
+def test_copied_lora_file_still_works_alone(tmp_path):
+    import importlib.util
+    import shutil
+
+    copied = shutil.copy(lora_module.__file__, tmp_path / "my_lora.py")
+    spec = importlib.util.spec_from_file_location("my_lora", copied)
+    alone = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(alone)
+    model = alone.add_lora(tiny_bert(), ["query"], alpha=4)
+    with pytest.raises(ValueError, match="finite"):
+        alone.add_lora(tiny_bert(), ["query"], alpha=float("nan"))
+    with pytest.raises(ImportError, match="peftkit/io.py"):
+        alone.save_adapter(model, tmp_path / "a.safetensors")
+    assert copy.deepcopy(model).lora_config.alpha == 4
