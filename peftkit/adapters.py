@@ -280,14 +280,7 @@ def load_adapters(model: nn.Module, path) -> AdapterConfig:
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapters needs a torch.nn.Module, got {type(model).__name__}")
     io = _io()
-    tensors, saved = io.load_tensors(path)
-    if saved.pop("technique", None) != TECHNIQUE:
-        raise ValueError(f"{path} was not written by save_adapters (its config is {saved}); "
-                         f"use the loader of the technique that saved it")
-    try:
-        saved = AdapterConfig(**saved)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{path} holds an adapter config peftkit cannot use: {saved} ({err})") from err
+    tensors, saved = io.read_adapter(path, TECHNIQUE, AdapterConfig, saver="save_adapters")
     added = "_peftkit_adapters" not in model.__dict__
     if added:
         add_adapters(model, saved)

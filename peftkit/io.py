@@ -74,6 +74,19 @@ def load_tensors(path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, config
 
 
+def read_adapter(path, technique: str, config_class, saver: str):
+    """(tensors, config) of a file that ``saver`` wrote for ``technique``, its config rebuilt as
+    ``config_class``; a file of another technique or with an unusable config is a ValueError."""
+    tensors, config = load_tensors(path)
+    if config.pop("technique", None) != technique:
+        raise ValueError(f"{path} was not written by {saver} (its config is {config}); "
+                         f"use the loader of the technique that saved it")
+    try:
+        return tensors, config_class(**config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path} holds a {technique} config that cannot be used: {config} ({err})") from err
+
+
 def save_adapter(model: torch.nn.Module, path, config: dict | None = None) -> Path:
     """Save only the trained tensors of ``model`` (those with ``requires_grad``)."""
     tensors = trainable_state_dict(model)

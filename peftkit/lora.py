@@ -141,9 +141,11 @@ def _matches_prefix(name: str, prefixes) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+def _as_names(arg: str, names) -> list[str]:
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, (list, tuple, set)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{arg} must be a module name or a list of names, got {names!r}")
+    return list(names)
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -162,10 +164,9 @@ def add_lora(model, target_modules, rank=8, alpha=16, dropout=0.0, rslora=False,
     if not isinstance(model, nn.Module):
         raise TypeError(f"add_lora needs a torch.nn.Module, got {type(model).__name__}")
     _check_hyperparameters(rank, alpha, dropout, rslora)
-    for arg, names in (("target_modules", target_modules), ("modules_to_save", modules_to_save)):
-        names = [names] if isinstance(names, str) else names
-        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-            raise TypeError(f"{arg} must be a module name or a list of names, got {names!r}")
+    modules_to_save = _as_names("modules_to_save", modules_to_save)
+    if target_modules != "all-linear":
+        target_modules = _as_names("target_modules", target_modules)
     if _lora_layers(model):
         raise ValueError(f"the model already has LoRA layers ({_lora_layers(model)[0][0]}, ...): call "
                          "add_lora once with every target, or merge_lora(model) first")
@@ -173,7 +174,6 @@ def add_lora(model, target_modules, rank=8, alpha=16, dropout=0.0, rslora=False,
     linears = [n for n, m in modules.items() if _is_linear(m)]
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear (or 4-bit linear) layer to wrap")
-    modules_to_save = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save)
     saved = [n for n in modules if n and _matches(n, modules_to_save)]
     missing = [s for s in modules_to_save if not any(_matches(n, [s]) for n in saved)]
     if missing:
@@ -183,7 +183,6 @@ def add_lora(model, target_modules, rank=8, alpha=16, dropout=0.0, rslora=False,
         skip = _output_head_names(model)
         targets = [n for n in linears if n not in skip and not _matches_prefix(n, saved)]
     else:
-        target_modules = [target_modules] if isinstance(target_modules, str) else list(target_modules)
         short_names = sorted({n.rpartition(".")[2] for n in linears})
         unmatched = [t for t in target_modules if not any(_matches(n, [t]) for n in modules)]
         if unmatched or not target_modules:
@@ -201,7 +200,7 @@ def add_lora(model, target_modules, rank=8, alpha=16, dropout=0.0, rslora=False,
         wrappers = {name: LoRALinear(modules[name], rank, alpha, dropout, rslora) for name in targets}
         model.requires_grad_(False)
         for name, wrapper in wrappers.items():
-            _set_module(model, name, wrapper)
+            model.set_submodule(name, wrapper)
         for name in saved:
             modules[name].requires_grad_(True)
         model.lora_config = LoRAConfig(targets, rank, alpha, dropout, rslora, saved)
@@ -214,7 +213,7 @@ def add_lora(model, target_modules, rank=8, alpha=16, dropout=0.0, rslora=False,
 def _remove_lora(model: nn.Module, flags: dict[str, bool]) -> None:
     """Undo add_lora: the bases back in place, each parameter's requires_grad as in ``flags``."""
     for name, layer in _lora_layers(model):
-        _set_module(model, name, layer.base)
+        model.set_submodule(name, layer.base)
     for n, p in model.named_parameters():
         p.requires_grad_(flags.get(n, p.requires_grad))
     model.__dict__.pop("lora_config", None)
@@ -233,7 +232,7 @@ def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
     for name, layer in layers:
         layer.merge()
         if unload:
-            _set_module(model, name, layer.base)
+            model.set_submodule(name, layer.base)
     if unload and "lora_config" in vars(model):
         del model.lora_config
     return model
@@ -265,50 +264,34 @@ def _io():
 
 def save_adapter(model: nn.Module, path):
     """Write ``lora_state_dict(model)`` and the LoRA config to one safetensors file, atomically."""
-    if not isinstance(getattr(model, "lora_config", None), LoRAConfig):
+    if not hasattr(model, "lora_config"):
         raise ValueError("the model has no LoRA layers: call add_lora(model, target_modules) first")
     config = {"technique": "lora", **asdict(model.lora_config)}
     return _io().save_tensors(lora_state_dict(model), path, config)
 
 
-def _check_loadable(layers, config: LoRAConfig, path) -> None:
-    merged = [n for n, layer in layers if layer.merged]
-    if merged:  # a later unmerge would subtract the loaded B A, not the one merged in
-        raise ValueError(f"the model's LoRA is merged into its base weights ({merged[0]}, ...): call "
-                         f"unmerge_lora(model) before load_adapter")
-    ours = sorted({(layer.alpha, layer.rslora) for _, layer in layers})
-    if ours != [(config.alpha, config.rslora)]:
-        model_has = "; ".join(f"alpha={a}, rslora={r}" for a, r in ours)
-        raise ValueError(f"{path} was trained with alpha={config.alpha}, rslora={config.rslora}, but the model's "
-                         f"LoRA layers have {model_has}: the update would be scaled wrongly. Load into a model "
-                         f"without LoRA (load_adapter then adds it with the file's config), or add_lora with "
-                         f"alpha={config.alpha}, rslora={config.rslora}")
-
-
 def load_adapter(model: nn.Module, path) -> LoRAConfig:
     """Load what ``save_adapter`` wrote, injecting LoRA from the saved config if ``model`` has none.
 
-    The file must hold exactly what LoRA trains (each lora_A/lora_B, the modules_to_save), in
-    the model's shapes; other keys (a frozen base weight, say) or missing ones are a ValueError
-    listing them. A model whose LoRA has another alpha or rslora than the file's is refused
-    rather than silently computing with its own scaling, and so is a merged model (unmerge
-    first). ``dropout`` acts only in training: the model keeps its own. On any error or
-    interruption the model is left exactly as it came.
+    The file must hold exactly what LoRA trains (lora_A/lora_B, modules_to_save) in the model's
+    shapes: other keys (a frozen base weight, say) or missing ones are a ValueError listing them.
+    LoRA with another alpha or rslora than the file's is refused, not silently run with its own
+    scaling, and so is a merged model. ``dropout`` acts in training only: the model keeps its
+    own. On any error or interruption the model is left exactly as it came.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapter needs a torch.nn.Module, got {type(model).__name__}")
     io = _io()
-    tensors, config = io.load_tensors(path)
-    if config.pop("technique", None) != "lora":
-        raise ValueError(f"{path} holds no LoRA adapter (saved config: {config})")
-    try:
-        config = LoRAConfig(**config)
-    except TypeError as err:
-        raise ValueError(f"{path} holds a LoRA config peftkit cannot read: {config}") from err
+    tensors, config = io.read_adapter(path, "lora", LoRAConfig, saver="peftkit.lora.save_adapter")
     layers, flags = _lora_layers(model), {n: p.requires_grad for n, p in model.named_parameters()}
-    if layers:
-        _check_loadable(layers, config, path)
-    else:
+    if any(layer.merged for _, layer in layers):  # a later unmerge would take out the new B A, not the merged one
+        raise ValueError("the model's LoRA is merged into its base weights: unmerge_lora(model) before load_adapter")
+    other = next((m for _, m in layers if (m.alpha, m.rslora) != (config.alpha, config.rslora)), None)
+    if other is not None:
+        raise ValueError(f"{path} was trained with alpha={config.alpha}, rslora={config.rslora}, but the model's "
+                         f"LoRA has alpha={other.alpha}, rslora={other.rslora}, which would scale its update wrongly. "
+                         "Load into a model without LoRA (load_adapter then adds it with the file's config)")
+    if not layers:
         add_lora(model, **asdict(config))  # checks the saved config; changes nothing if it fails
     try:
         io.copy_tensors(model, tensors, lora_state_dict(model), source=path, config=asdict(config))
