@@ -152,6 +152,16 @@ def test_adapter_state_dict_is_what_the_technique_trains():
     assert set(adapter_state_dict(model)) == expected
 
 
+def test_adapter_state_dict_of_a_deep_copy_is_the_copys(tmp_path):
+    model = randomize_(add_adapters(tiny_bert(), "houlsby", reduction_factor=4))
+    twin = copy.deepcopy(model)
+    for name, t in adapter_state_dict(twin).items():  # the twin's own tensors, not the original's
+        assert t.data_ptr() == twin.get_parameter(name).data_ptr() != model.get_parameter(name).data_ptr()
+    load_adapters(twin, save_adapters(model, tmp_path / "a.safetensors"))
+    assert remove_adapters(twin) is twin and not any(isinstance(m, AdaptedSublayer) for m in twin.modules())
+    assert any(isinstance(m, AdaptedSublayer) for m in model.modules())
+
+
 # --- 2. LoRA loads that would be silently wrong --------------------------------------------------
 
 @pytest.mark.parametrize("other", [{"alpha": 8}, {"rslora": True}])
