@@ -182,6 +182,7 @@ def test_lora_bare_model_gets_the_files_scaling(tmp_path):
     assert (config.alpha, config.rslora) == (5, True)
     layer = model.bert.encoder.layer[0].attention.self.query
     assert layer.scaling == 5 / math.sqrt(4)
+    assert all(torch.equal(model.get_parameter(n), t) for n, t in lora_state_dict(trained).items())  # bit-exact
     assert torch.equal(model(input_ids=IDS).logits, trained(input_ids=IDS).logits)
 
 
