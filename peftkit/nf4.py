@@ -171,6 +171,10 @@ class NF4Tensor:
             values[full:n].mul_(absmax[-1])
         return values[:n].view(self.shape).to(dtype)
 
+    def is_floating_point(self) -> bool:
+        """False, as for bitsandbytes' 4-bit weights: the values are stored as 4-bit codes."""
+        return False
+
     @property
     def nbytes(self) -> int:
         parts = (self.packed, self.absmax, self.absmax_codes, self.absmax_scale, self.absmax_offset)
@@ -190,6 +194,11 @@ class NF4Tensor:
                 f"{quant}, {self.bits_per_param:.3f} bits/param)")
 
 
+def _check_blocksize(blocksize) -> None:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0 or blocksize % 2:
+        raise ValueError(f"blocksize must be a positive even int (bitsandbytes uses 64), got {blocksize!r}")
+
+
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
     """Quantize ``w`` (float32, bfloat16 or float16; any shape and size) to an NF4Tensor.
 
@@ -201,8 +210,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
         raise TypeError(f"quantize_nf4 needs a floating-point tensor (float32, bfloat16, float16), got {got}")
     if w.numel() == 0:
         raise ValueError(f"quantize_nf4 got an empty tensor (shape {tuple(w.shape)}): nothing to quantize")
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0 or blocksize % 2:
-        raise ValueError(f"blocksize must be a positive even int (bitsandbytes uses 64), got {blocksize!r}")
+    _check_blocksize(blocksize)
     flat = w.detach().reshape(-1).float()
     codes, absmax = _quantize_blockwise(flat, (NF4_CODE[:-1] + NF4_CODE[1:]) / 2, blocksize)
     if not torch.isfinite(absmax).all():  # a NaN or inf anywhere reaches its block's max
@@ -270,6 +278,81 @@ class NF4Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, blocksize={w.blocksize}, double_quant={w.double_quant}")
 
+    # --- the state dict holds the 4-bit parts, so that a quantized model saves and loads ---
+    # weight_format: int64 (out, in, blocksize, index in SAVED_DTYPES); weight_packed; then
+    # weight_absmax, or with double quantization weight_absmax_codes, _scale and _offset.
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # the bias
+        w = self.weight
+        if w.dtype not in SAVED_DTYPES:
+            raise ValueError(f"{prefix}weight: cannot save an NF4 weight of dtype {w.dtype}; one of {SAVED_DTYPES}")
+        destination[prefix + "weight_format"] = torch.tensor([*w.shape, w.blocksize, SAVED_DTYPES.index(w.dtype)])
+        for part in _parts(w.double_quant):
+            destination[prefix + "weight_" + part] = getattr(w, part)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
+        double = self.weight.double_quant
+        keys = [prefix + "weight_" + p for p in ("format", *_parts(double))]
+        weight, error = None, None
+        if prefix + "weight" in state_dict:
+            error = (f"{prefix}weight is a float weight, but this layer is a 4-bit NF4Linear: load a float state "
+                     "dict into the float model (then quantize_model), or save the quantized model's state dict")
+        elif any(prefix + "weight_" + p in state_dict for p in _parts(not double)[1:]):
+            error = (f"{prefix}weight_*: saved with double_quant={not double}, but this layer has "
+                     f"double_quant={double}: quantize the model with the saved settings before loading")
+        elif all(k in state_dict for k in keys):
+            try:
+                weight = self._saved_weight([state_dict[k] for k in keys], local_metadata)
+            except ValueError as err:
+                error = f"{prefix}weight_*: {err}"
+        elif strict:
+            missing.extend(k for k in keys if k not in state_dict)
+        if error:
+            error_msgs.append(error)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
+        unexpected[:] = [k for k in unexpected if k not in keys]  # the bias loader does not know our keys
+        if weight is not None:
+            self.weight = weight
+
+    def _saved_weight(self, tensors, local_metadata) -> NF4Tensor:
+        """The NF4Tensor that saved (format, packed, ...) tensors describe, checked against this layer's."""
+        fmt, *parts = tensors
+        names, own = _parts(self.weight.double_quant), self.weight
+        if fmt.dtype != torch.int64 or fmt.shape != (4,) or not 0 <= fmt[3] < len(SAVED_DTYPES):
+            raise ValueError(f"weight_format must be int64 (out, in, blocksize, dtype code), got {fmt!r}")
+        if fmt[:3].tolist() != [*own.shape, own.blocksize]:
+            raise ValueError(f"saved a {tuple(fmt[:2].tolist())} weight in blocks of {fmt[2]}, but this layer "
+                             f"holds a {tuple(own.shape)} weight in blocks of {own.blocksize}")
+        for name, t in zip(names, parts):  # this layer's own parts have the right dtypes and shapes
+            if t.dtype != getattr(own, name).dtype or t.shape != getattr(own, name).shape:
+                raise ValueError(f"weight_{name} must be {getattr(own, name).dtype} of shape "
+                                 f"{tuple(getattr(own, name).shape)}, got {t.dtype} of shape {tuple(t.shape)}")
+        # As load_state_dict does: copied onto this layer's device, unless assign=True (or a meta skeleton).
+        assign = local_metadata.get("assign_to_params_buffers", False) or own.device.type == "meta"
+        saved = {n: t if assign else t.to(own.device, copy=True) for n, t in zip(names, parts)}
+        return NF4Tensor(**{"absmax": None, **saved}, shape=own.shape, dtype=SAVED_DTYPES[fmt[3]],
+                         blocksize=own.blocksize)
+
+
+SAVED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # weight_format's dtype codes
+
+
+def _parts(double_quant: bool) -> tuple[str, ...]:
+    return ("packed", "absmax_codes", "absmax_scale", "absmax_offset") if double_quant else ("packed", "absmax")
+
+
+def replace_modules(model: nn.Module, new: dict[str, nn.Module]) -> None:
+    """Put each new module at its dotted name; on any error, put every old one back (all or nothing)."""
+    old = {name: model.get_submodule(name) for name in new}
+    try:
+        for name, module in new.items():
+            model.set_submodule(name, module)
+    except BaseException:
+        for name, module in old.items():
+            model.set_submodule(name, module)
+        raise
+
 
 def quantize_model(model: nn.Module, skip=("lm_head", "classifier"), double_quant: bool = True,
                    blocksize: int = 64) -> nn.Module:
@@ -278,8 +361,17 @@ def quantize_model(model: nn.Module, skip=("lm_head", "classifier"), double_quan
     A linear stays in float when any dotted part of its name is in ``skip`` (the output heads by
     default). Quantizing twice is an error, not a no-op: the second call's settings would be
     silently ignored. LoRA must come after quantization (that is QLoRA), so LoRA layers are refused.
+    All or nothing: every layer is quantized before any is swapped in, so an error (a NaN weight,
+    named in the message) leaves the model as it was.
     """
-    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_model needs a torch.nn.Module, got {type(model).__name__}")
+    skip = (skip,) if isinstance(skip, str) else skip
+    if not isinstance(skip, (tuple, list, set, frozenset)) or not all(isinstance(s, str) for s in skip):
+        raise TypeError(f"skip must be a module name or a tuple of names (e.g. ('lm_head',)), got {skip!r}")
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
+    _check_blocksize(blocksize)
     modules = dict(model.named_modules())
     done = [n for n, m in modules.items() if getattr(type(m), "is_peftkit_4bit", False)]
     if done:
@@ -290,9 +382,12 @@ def quantize_model(model: nn.Module, skip=("lm_head", "classifier"), double_quan
         raise ValueError(f"the model already has LoRA layers (e.g. {lora[0]!r}): quantize first, then add_lora")
     targets = [n for n, m in modules.items() if isinstance(m, nn.Linear) and not set(n.split(".")) & set(skip)]
     if not targets:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear outside skip={skip} to quantize")
+        raise ValueError(f"{type(model).__name__} has no nn.Linear outside skip={tuple(skip)} to quantize")
+    quantized = {}
     for name in targets:
-        parent, _, child = name.rpartition(".")
-        new = NF4Linear.from_linear(modules[name], blocksize, double_quant)
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        try:
+            quantized[name] = NF4Linear.from_linear(modules[name], blocksize, double_quant)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"cannot quantize {name!r}: {err}; the model was left unchanged") from err
+    replace_modules(model, quantized)
     return model
