@@ -32,6 +32,7 @@ NF4_CODE = torch.tensor([
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ])
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # what quantize_nf4 accepts
 NF4_ZERO = 7  # the code of 0.0: pads an odd element count to a whole byte, as bitsandbytes does
 ABSMAX_BLOCKSIZE = 256  # double quantization: one float32 scale per 256 absmax codes
 
@@ -200,14 +201,14 @@ def _check_blocksize(blocksize) -> None:
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
-    """Quantize ``w`` (float32, bfloat16 or float16; any shape and size) to an NF4Tensor.
+    """Quantize ``w`` (float32, bfloat16, float16 or float64; any shape and size) to an NF4Tensor.
 
     Refused: non-floating or empty tensors, NaN/inf values, a blocksize that is not a positive
     even int. ``double_quant`` also quantizes the per-block scales (module docstring).
     """
-    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+    if not isinstance(w, torch.Tensor) or w.dtype not in FLOAT_DTYPES:
         got = w.dtype if isinstance(w, torch.Tensor) else type(w).__name__
-        raise TypeError(f"quantize_nf4 needs a floating-point tensor (float32, bfloat16, float16), got {got}")
+        raise TypeError(f"quantize_nf4 needs a floating-point tensor (float32, bfloat16, float16, float64), got {got}")
     if w.numel() == 0:
         raise ValueError(f"quantize_nf4 got an empty tensor (shape {tuple(w.shape)}): nothing to quantize")
     _check_blocksize(blocksize)
@@ -279,63 +280,51 @@ class NF4Linear(nn.Module):
                 f"bias={self.bias is not None}, blocksize={w.blocksize}, double_quant={w.double_quant}")
 
     # --- the state dict holds the 4-bit parts, so that a quantized model saves and loads ---
-    # weight_format: int64 (out, in, blocksize, index in SAVED_DTYPES); weight_packed; then
-    # weight_absmax, or with double quantization weight_absmax_codes, _scale and _offset.
+    # weight_format: int64 (out, in, blocksize, dtype as an index in FLOAT_DTYPES); weight_packed;
+    # then weight_absmax, or with double quantization weight_absmax_codes, _scale and _offset.
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)  # the bias
         w = self.weight
-        if w.dtype not in SAVED_DTYPES:
-            raise ValueError(f"{prefix}weight: cannot save an NF4 weight of dtype {w.dtype}; one of {SAVED_DTYPES}")
-        destination[prefix + "weight_format"] = torch.tensor([*w.shape, w.blocksize, SAVED_DTYPES.index(w.dtype)])
-        for part in _parts(w.double_quant):
-            destination[prefix + "weight_" + part] = getattr(w, part)
+        destination[prefix + "weight_format"] = torch.tensor([*w.shape, w.blocksize, FLOAT_DTYPES.index(w.dtype)])
+        destination.update({prefix + "weight_" + part: getattr(w, part) for part in _parts(w.double_quant)})
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
-        double = self.weight.double_quant
-        keys = [prefix + "weight_" + p for p in ("format", *_parts(double))]
-        weight, error = None, None
-        if prefix + "weight" in state_dict:
-            error = (f"{prefix}weight is a float weight, but this layer is a 4-bit NF4Linear: load a float state "
-                     "dict into the float model (then quantize_model), or save the quantized model's state dict")
-        elif any(prefix + "weight_" + p in state_dict for p in _parts(not double)[1:]):
-            error = (f"{prefix}weight_*: saved with double_quant={not double}, but this layer has "
-                     f"double_quant={double}: quantize the model with the saved settings before loading")
-        elif all(k in state_dict for k in keys):
-            try:
-                weight = self._saved_weight([state_dict[k] for k in keys], local_metadata)
-            except ValueError as err:
-                error = f"{prefix}weight_*: {err}"
-        elif strict:
-            missing.extend(k for k in keys if k not in state_dict)
-        if error:
-            error_msgs.append(error)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
-        unexpected[:] = [k for k in unexpected if k not in keys]  # the bias loader does not know our keys
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        double, weight = self.weight.double_quant, None
+        keys = [prefix + "weight_" + part for part in ("format", *_parts(double))]
+        try:
+            if prefix + "weight" in state_dict:
+                raise ValueError(f"{prefix}weight is a float weight, but this layer is a 4-bit NF4Linear: load "
+                                 "float weights into the float model, then quantize_model")
+            if prefix + ("weight_absmax" if double else "weight_absmax_codes") in state_dict:
+                raise ValueError(f"{prefix}weight_* was saved with double_quant={not double}, but this layer has "
+                                 f"double_quant={double}: quantize the model with the saved settings first")
+            if all(k in state_dict for k in keys):
+                weight = self._saved_weight(prefix, [state_dict[k] for k in keys], local_metadata)
+            elif strict:
+                missing.extend(k for k in keys if k not in state_dict)
+        except ValueError as err:
+            errors.append(str(err))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        unexpected[:] = [k for k in unexpected if k not in keys]  # the bias loader did not know our keys
         if weight is not None:
             self.weight = weight
 
-    def _saved_weight(self, tensors, local_metadata) -> NF4Tensor:
-        """The NF4Tensor that saved (format, packed, ...) tensors describe, checked against this layer's."""
-        fmt, *parts = tensors
-        names, own = _parts(self.weight.double_quant), self.weight
-        if fmt.dtype != torch.int64 or fmt.shape != (4,) or not 0 <= fmt[3] < len(SAVED_DTYPES):
-            raise ValueError(f"weight_format must be int64 (out, in, blocksize, dtype code), got {fmt!r}")
-        if fmt[:3].tolist() != [*own.shape, own.blocksize]:
-            raise ValueError(f"saved a {tuple(fmt[:2].tolist())} weight in blocks of {fmt[2]}, but this layer "
-                             f"holds a {tuple(own.shape)} weight in blocks of {own.blocksize}")
-        for name, t in zip(names, parts):  # this layer's own parts have the right dtypes and shapes
-            if t.dtype != getattr(own, name).dtype or t.shape != getattr(own, name).shape:
-                raise ValueError(f"weight_{name} must be {getattr(own, name).dtype} of shape "
+    def _saved_weight(self, prefix, tensors, local_metadata) -> NF4Tensor:
+        """The NF4Tensor that saved (format, packed, ...) describe, checked against this layer's own parts."""
+        (fmt, *parts), own, names = tensors, self.weight, _parts(self.weight.double_quant)
+        if fmt.dtype != torch.int64 or fmt.tolist()[:3] != [*own.shape, own.blocksize] or fmt[3] >= len(FLOAT_DTYPES):
+            raise ValueError(f"{prefix}weight_format is {fmt.tolist()}, but this layer holds a {tuple(own.shape)} "
+                             f"weight in blocks of {own.blocksize} (int64 [out, in, blocksize, dtype code])")
+        for name, t in zip(names, parts):  # this layer's own parts have the dtypes and shapes to expect
+            if (t.dtype, t.shape) != (getattr(own, name).dtype, getattr(own, name).shape):
+                raise ValueError(f"{prefix}weight_{name} must be {getattr(own, name).dtype} of shape "
                                  f"{tuple(getattr(own, name).shape)}, got {t.dtype} of shape {tuple(t.shape)}")
         # As load_state_dict does: copied onto this layer's device, unless assign=True (or a meta skeleton).
         assign = local_metadata.get("assign_to_params_buffers", False) or own.device.type == "meta"
         saved = {n: t if assign else t.to(own.device, copy=True) for n, t in zip(names, parts)}
-        return NF4Tensor(**{"absmax": None, **saved}, shape=own.shape, dtype=SAVED_DTYPES[fmt[3]],
+        return NF4Tensor(**{"absmax": None, **saved}, shape=own.shape, dtype=FLOAT_DTYPES[fmt[3]],
                          blocksize=own.blocksize)
-
-
-SAVED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # weight_format's dtype codes
 
 
 def _parts(double_quant: bool) -> tuple[str, ...]:
@@ -364,10 +353,11 @@ def quantize_model(model: nn.Module, skip=("lm_head", "classifier"), double_quan
     All or nothing: every layer is quantized before any is swapped in, so an error (a NaN weight,
     named in the message) leaves the model as it was.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"quantize_model needs a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(model, nn.Module) or isinstance(model, nn.Linear):
+        raise TypeError(f"quantize_model needs a model (an nn.Module holding nn.Linear layers; for one layer, "
+                        f"NF4Linear.from_linear), got {type(model).__name__}")
     skip = (skip,) if isinstance(skip, str) else skip
-    if not isinstance(skip, (tuple, list, set, frozenset)) or not all(isinstance(s, str) for s in skip):
+    if not isinstance(skip, (tuple, list, set)) or not all(isinstance(s, str) for s in skip):
         raise TypeError(f"skip must be a module name or a tuple of names (e.g. ('lm_head',)), got {skip!r}")
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be True or False, got {double_quant!r}")

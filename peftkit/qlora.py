@@ -53,7 +53,8 @@ def prepare_for_qlora(model: nn.Module, skip=("lm_head", "classifier"), double_q
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     params = [(p, p.data, p.requires_grad) for p in model.parameters()]
     config = getattr(model, "config", None)
-    use_cache, checkpointing = getattr(config, "use_cache", None), getattr(model, "is_gradient_checkpointing", False)
+    use_cache = getattr(config, "use_cache", None)
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     quantize_model(model, skip=skip, double_quant=double_quant, blocksize=blocksize)  # all or nothing itself
     try:
         model.requires_grad_(False)
