@@ -13,7 +13,8 @@ weights fill the 16 bins about equally. Double quantization stores the per-block
 4 + 8/64 + 32/(64*256) ~= 4.127 with.
 
 Nothing here trains: ``NF4Linear`` is a frozen layer that rebuilds its float weight, in the
-input's dtype, at every forward (and again in backward, so autograd never keeps it).
+input's dtype, at every forward (and again in backward, so autograd never keeps it). Its state
+dict holds the 4-bit parts, so a quantized model saves and loads (into a model quantized alike).
 The semantics are bitsandbytes' reference ones (``bitsandbytes/backends/default/ops.py``,
 v0.50.2): codes, scales and dequantized values agree bit for bit.
 """
@@ -35,6 +36,8 @@ NF4_CODE = torch.tensor([
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # what quantize_nf4 accepts
 NF4_ZERO = 7  # the code of 0.0: pads an odd element count to a whole byte, as bitsandbytes does
 ABSMAX_BLOCKSIZE = 256  # double quantization: one float32 scale per 256 absmax codes
+# The tensors of an NF4Tensor, without (False) and with (True) double quantization: what a state dict holds.
+PARTS = {False: ("packed", "absmax"), True: ("packed", "absmax_codes", "absmax_scale", "absmax_offset")}
 
 
 def nf4_code_from_quantiles(offset: float = 0.9677083) -> torch.Tensor:
@@ -280,18 +283,18 @@ class NF4Linear(nn.Module):
                 f"bias={self.bias is not None}, blocksize={w.blocksize}, double_quant={w.double_quant}")
 
     # --- the state dict holds the 4-bit parts, so that a quantized model saves and loads ---
-    # weight_format: int64 (out, in, blocksize, dtype as an index in FLOAT_DTYPES); weight_packed;
-    # then weight_absmax, or with double quantization weight_absmax_codes, _scale and _offset.
+    # weight_format: int64 (out, in, blocksize, dtype as an index in FLOAT_DTYPES), then weight_<part>
+    # for each of PARTS: weight_packed and weight_absmax, or weight_absmax_codes, _scale and _offset.
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)  # the bias
         w = self.weight
         destination[prefix + "weight_format"] = torch.tensor([*w.shape, w.blocksize, FLOAT_DTYPES.index(w.dtype)])
-        destination.update({prefix + "weight_" + part: getattr(w, part) for part in _parts(w.double_quant)})
+        destination.update({prefix + "weight_" + part: getattr(w, part) for part in PARTS[w.double_quant]})
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         double, weight = self.weight.double_quant, None
-        keys = [prefix + "weight_" + part for part in ("format", *_parts(double))]
+        keys = [prefix + "weight_" + part for part in ("format", *PARTS[double])]
         try:
             if prefix + "weight" in state_dict:
                 raise ValueError(f"{prefix}weight is a float weight, but this layer is a 4-bit NF4Linear: load "
@@ -312,7 +315,7 @@ class NF4Linear(nn.Module):
 
     def _saved_weight(self, prefix, tensors, local_metadata) -> NF4Tensor:
         """The NF4Tensor that saved (format, packed, ...) describe, checked against this layer's own parts."""
-        (fmt, *parts), own, names = tensors, self.weight, _parts(self.weight.double_quant)
+        (fmt, *parts), own, names = tensors, self.weight, PARTS[self.weight.double_quant]
         if fmt.dtype != torch.int64 or fmt.tolist()[:3] != [*own.shape, own.blocksize] or fmt[3] >= len(FLOAT_DTYPES):
             raise ValueError(f"{prefix}weight_format is {fmt.tolist()}, but this layer holds a {tuple(own.shape)} "
                              f"weight in blocks of {own.blocksize} (int64 [out, in, blocksize, dtype code])")
@@ -325,10 +328,6 @@ class NF4Linear(nn.Module):
         saved = {n: t if assign else t.to(own.device, copy=True) for n, t in zip(names, parts)}
         return NF4Tensor(**{"absmax": None, **saved}, shape=own.shape, dtype=FLOAT_DTYPES[fmt[3]],
                          blocksize=own.blocksize)
-
-
-def _parts(double_quant: bool) -> tuple[str, ...]:
-    return ("packed", "absmax_codes", "absmax_scale", "absmax_offset") if double_quant else ("packed", "absmax")
 
 
 def replace_modules(model: nn.Module, new: dict[str, nn.Module]) -> None:

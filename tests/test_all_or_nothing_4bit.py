@@ -19,12 +19,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftkit.adapters import add_adapters, load_adapters, remove_adapters, save_adapters
 from peftkit.lora import LoRALinear, add_lora
-from peftkit.nf4 import NF4Linear, quantize_model, quantize_nf4
+from peftkit.nf4 import PARTS, NF4Linear, quantize_model, quantize_nf4
 from peftkit.qlora import merge_into_4bit, merge_into_float, prepare_for_qlora
 
 torch.set_num_threads(1)
 IDS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
-PARTS = {False: ["packed", "absmax"], True: ["packed", "absmax_codes", "absmax_scale", "absmax_offset"]}
 
 
 def tiny_llama(dtype=torch.float32, seed=0):
@@ -241,9 +240,10 @@ def test_merge_into_float_failures_leave_the_float_model_alone(monkeypatch):
 def test_the_state_dict_holds_every_4bit_part(double_quant):
     layer = NF4Linear.from_linear(nn.Linear(96, 40), blocksize=32, double_quant=double_quant)
     state = layer.state_dict()
-    assert list(state) == ["bias", "weight_format"] + [f"weight_{p}" for p in PARTS[double_quant]]
+    parts = ["packed", "absmax_codes", "absmax_scale", "absmax_offset"] if double_quant else ["packed", "absmax"]
+    assert list(state) == ["bias", "weight_format"] + [f"weight_{p}" for p in parts]
     assert state["weight_format"].tolist() == [40, 96, 32, 0]  # (out, in, blocksize, float32)
-    for part in PARTS[double_quant]:
+    for part in parts:
         assert state[f"weight_{part}"] is getattr(layer.weight, part)
 
 
@@ -259,7 +259,7 @@ def assert_same_4bit_weights(model, reference, shared=False):
 
 
 @pytest.mark.parametrize("dtype, double_quant", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)])
-@pytest.mark.parametrize("via", ["safetensors", "torch.save"])
+@pytest.mark.parametrize("via", ["safetensors", "torch.save", "save_pretrained"])
 def test_a_quantized_llama_saved_and_reloaded_gives_identical_outputs(tmp_path, dtype, double_quant, via):
     model = quantize_model(tiny_llama(dtype), double_quant=double_quant)
     skeleton = quantize_model(tiny_llama(dtype, seed=5), double_quant=double_quant)  # other weights
@@ -268,9 +268,12 @@ def test_a_quantized_llama_saved_and_reloaded_gives_identical_outputs(tmp_path, 
     if via == "safetensors":
         save_file(model.state_dict(), path)
         state = load_file(path)
-    else:
+    elif via == "torch.save":
         torch.save(model.state_dict(), path)
         state = torch.load(path, weights_only=True)
+    else:  # Hugging Face writes the state dict: the 4-bit parts are in the file now
+        model.save_pretrained(tmp_path)
+        state = load_file(tmp_path / "model.safetensors")
     result = skeleton.load_state_dict(state, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     assert_same_4bit_weights(skeleton, model)
