@@ -198,9 +198,11 @@ class NF4Tensor:
                 f"{quant}, {self.bits_per_param:.3f} bits/param)")
 
 
-def _check_blocksize(blocksize) -> None:
+def _check_settings(blocksize, double_quant) -> None:
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0 or blocksize % 2:
         raise ValueError(f"blocksize must be a positive even int (bitsandbytes uses 64), got {blocksize!r}")
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
@@ -214,7 +216,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
         raise TypeError(f"quantize_nf4 needs a floating-point tensor (float32, bfloat16, float16, float64), got {got}")
     if w.numel() == 0:
         raise ValueError(f"quantize_nf4 got an empty tensor (shape {tuple(w.shape)}): nothing to quantize")
-    _check_blocksize(blocksize)
+    _check_settings(blocksize, double_quant)
     flat = w.detach().reshape(-1).float()
     codes, absmax = _quantize_blockwise(flat, (NF4_CODE[:-1] + NF4_CODE[1:]) / 2, blocksize)
     if not torch.isfinite(absmax).all():  # a NaN or inf anywhere reaches its block's max
@@ -258,6 +260,8 @@ class NF4Linear(nn.Module):
         if not isinstance(weight, NF4Tensor) or len(weight.shape) != 2:
             raise TypeError(f"NF4Linear needs a 2-D NF4Tensor (out, in), got {weight!r}")
         self.out_features, self.in_features = weight.shape
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (self.out_features,)):
+            raise TypeError(f"NF4Linear's bias must be None or a tensor of shape ({self.out_features},), got {bias!r}")
         self.weight = weight
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
@@ -358,9 +362,7 @@ def quantize_model(model: nn.Module, skip=("lm_head", "classifier"), double_quan
     skip = (skip,) if isinstance(skip, str) else skip
     if not isinstance(skip, (tuple, list, set)) or not all(isinstance(s, str) for s in skip):
         raise TypeError(f"skip must be a module name or a tuple of names (e.g. ('lm_head',)), got {skip!r}")
-    if not isinstance(double_quant, bool):
-        raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
-    _check_blocksize(blocksize)
+    _check_settings(blocksize, double_quant)
     modules = dict(model.named_modules())
     done = [n for n, m in modules.items() if getattr(type(m), "is_peftkit_4bit", False)]
     if done:

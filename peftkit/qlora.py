@@ -87,8 +87,14 @@ def _qlora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return layers
 
 
+def _check_layer(layer) -> None:
+    if not isinstance(layer, LoRALinear) or not isinstance(layer.base, NF4Linear):
+        raise TypeError(f"needs a LoRALinear over an NF4Linear (prepare_for_qlora, then add_lora), got {layer!r:.80}")
+
+
 def merged_weight(layer: LoRALinear) -> torch.Tensor:
     """The exact float weight the trained layer computes with: dequant(W_nf4) + delta W, (out, in)."""
+    _check_layer(layer)
     return layer.base.weight.dequantize(torch.float32) + layer.delta_weight().float()
 
 
@@ -98,6 +104,7 @@ def requantized_update_error(layer: LoRALinear) -> float:
     The realised update is NF4(W + delta W) - W. 0 would be a perfect merge; 1 is as bad as
     dropping the update; above 1, the merge adds more rounding noise than update.
     """
+    _check_layer(layer)
     w, delta = layer.base.weight, layer.delta_weight().float()
     requantized = quantize_nf4(merged_weight(layer), w.blocksize, w.double_quant).dequantize(torch.float32)
     realised = requantized - w.dequantize(torch.float32)

@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from peftkit.adapters import add_adapters, load_adapters, remove_adapters, save_adapters
 from peftkit.lora import LoRALinear, add_lora
 from peftkit.nf4 import PARTS, NF4Linear, quantize_model, quantize_nf4
-from peftkit.qlora import merge_into_4bit, merge_into_float, prepare_for_qlora
+from peftkit.qlora import merge_into_4bit, merge_into_float, merged_weight, prepare_for_qlora, requantized_update_error
 
 torch.set_num_threads(1)
 IDS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -135,6 +135,15 @@ def test_quantize_model_refuses_what_is_not_a_model():
         quantize_model(nn.Linear(64, 64))
     with pytest.raises(TypeError, match="float32, bfloat16, float16, float64"):
         quantize_nf4(torch.randn(64).to(torch.float8_e4m3fn))
+    with pytest.raises(TypeError, match="double_quant must be True or False"):
+        quantize_nf4(torch.randn(64), double_quant=1)
+    with pytest.raises(TypeError, match=r"bias must be None or a tensor of shape \(8,\)"):
+        NF4Linear(quantize_nf4(torch.randn(8, 64)), torch.zeros(9))
+    with pytest.raises(TypeError, match=r"bias must be None or a tensor"):
+        NF4Linear(quantize_nf4(torch.randn(8, 64)), [0.0] * 8)
+    for helper in (merged_weight, requantized_update_error):
+        with pytest.raises(TypeError, match="needs a LoRALinear over an NF4Linear"):
+            helper(LoRALinear(nn.Linear(8, 8)))
 
 
 # --- prepare_for_qlora and the merges: all or nothing ---
