@@ -41,6 +41,7 @@ def prepare_for_qlora(model: nn.Module, skip=("lm_head", "classifier"), double_q
     ``gradient_checkpointing`` (Hugging Face models) recomputes each layer's activations in
     backward instead of storing them: less memory, about one extra forward of time.
     Then call ``add_lora``. Returns ``model``; a model that is already quantized is refused.
+    All or nothing: if any step fails, the float layers, dtypes and flags are put back.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare_for_qlora needs a torch.nn.Module, got {type(model).__name__}")
