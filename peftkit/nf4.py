@@ -13,7 +13,8 @@ weights fill the 16 bins about equally. Double quantization stores the per-block
 4 + 8/64 + 32/(64*256) ~= 4.127 with.
 
 Nothing here trains: ``NF4Linear`` is a frozen layer that rebuilds its float weight, in the
-input's dtype, at every forward (and again in backward, so autograd never keeps it).
+input's dtype, at every forward (and again in backward, so autograd never keeps it). Its state
+dict holds the 4-bit parts, so a quantized model saves and loads (into a model quantized alike).
 The semantics are bitsandbytes' reference ones (``bitsandbytes/backends/default/ops.py``,
 v0.50.2): codes, scales and dequantized values agree bit for bit.
 """
@@ -32,8 +33,11 @@ NF4_CODE = torch.tensor([
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ])
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # what quantize_nf4 accepts
 NF4_ZERO = 7  # the code of 0.0: pads an odd element count to a whole byte, as bitsandbytes does
 ABSMAX_BLOCKSIZE = 256  # double quantization: one float32 scale per 256 absmax codes
+# The tensors of an NF4Tensor, without (False) and with (True) double quantization: what a state dict holds.
+PARTS = {False: ("packed", "absmax"), True: ("packed", "absmax_codes", "absmax_scale", "absmax_offset")}
 
 
 def nf4_code_from_quantiles(offset: float = 0.9677083) -> torch.Tensor:
@@ -171,6 +175,10 @@ class NF4Tensor:
             values[full:n].mul_(absmax[-1])
         return values[:n].view(self.shape).to(dtype)
 
+    def is_floating_point(self) -> bool:
+        """False, as for bitsandbytes' 4-bit weights: the values are stored as 4-bit codes."""
+        return False
+
     @property
     def nbytes(self) -> int:
         parts = (self.packed, self.absmax, self.absmax_codes, self.absmax_scale, self.absmax_offset)
@@ -190,19 +198,25 @@ class NF4Tensor:
                 f"{quant}, {self.bits_per_param:.3f} bits/param)")
 
 
+def _check_settings(blocksize, double_quant) -> None:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0 or blocksize % 2:
+        raise ValueError(f"blocksize must be a positive even int (bitsandbytes uses 64), got {blocksize!r}")
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
+
+
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
-    """Quantize ``w`` (float32, bfloat16 or float16; any shape and size) to an NF4Tensor.
+    """Quantize ``w`` (float32, bfloat16, float16 or float64; any shape and size) to an NF4Tensor.
 
     Refused: non-floating or empty tensors, NaN/inf values, a blocksize that is not a positive
     even int. ``double_quant`` also quantizes the per-block scales (module docstring).
     """
-    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+    if not isinstance(w, torch.Tensor) or w.dtype not in FLOAT_DTYPES:
         got = w.dtype if isinstance(w, torch.Tensor) else type(w).__name__
-        raise TypeError(f"quantize_nf4 needs a floating-point tensor (float32, bfloat16, float16), got {got}")
+        raise TypeError(f"quantize_nf4 needs a floating-point tensor (float32, bfloat16, float16, float64), got {got}")
     if w.numel() == 0:
         raise ValueError(f"quantize_nf4 got an empty tensor (shape {tuple(w.shape)}): nothing to quantize")
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0 or blocksize % 2:
-        raise ValueError(f"blocksize must be a positive even int (bitsandbytes uses 64), got {blocksize!r}")
+    _check_settings(blocksize, double_quant)
     flat = w.detach().reshape(-1).float()
     codes, absmax = _quantize_blockwise(flat, (NF4_CODE[:-1] + NF4_CODE[1:]) / 2, blocksize)
     if not torch.isfinite(absmax).all():  # a NaN or inf anywhere reaches its block's max
@@ -246,6 +260,8 @@ class NF4Linear(nn.Module):
         if not isinstance(weight, NF4Tensor) or len(weight.shape) != 2:
             raise TypeError(f"NF4Linear needs a 2-D NF4Tensor (out, in), got {weight!r}")
         self.out_features, self.in_features = weight.shape
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (self.out_features,)):
+            raise TypeError(f"NF4Linear's bias must be None or a tensor of shape ({self.out_features},), got {bias!r}")
         self.weight = weight
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
@@ -270,6 +286,65 @@ class NF4Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, blocksize={w.blocksize}, double_quant={w.double_quant}")
 
+    # --- the state dict holds the 4-bit parts, so that a quantized model saves and loads ---
+    # weight_format: int64 (out, in, blocksize, dtype as an index in FLOAT_DTYPES), then weight_<part>
+    # for each of PARTS: weight_packed and weight_absmax, or weight_absmax_codes, _scale and _offset.
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # the bias
+        w = self.weight
+        destination[prefix + "weight_format"] = torch.tensor([*w.shape, w.blocksize, FLOAT_DTYPES.index(w.dtype)])
+        destination.update({prefix + "weight_" + part: getattr(w, part) for part in PARTS[w.double_quant]})
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        double, weight = self.weight.double_quant, None
+        keys = [prefix + "weight_" + part for part in ("format", *PARTS[double])]
+        try:
+            if prefix + "weight" in state_dict:
+                raise ValueError(f"{prefix}weight is a float weight, but this layer is a 4-bit NF4Linear: load "
+                                 "float weights into the float model, then quantize_model")
+            if prefix + ("weight_absmax" if double else "weight_absmax_codes") in state_dict:
+                raise ValueError(f"{prefix}weight_* was saved with double_quant={not double}, but this layer has "
+                                 f"double_quant={double}: quantize the model with the saved settings first")
+            if all(k in state_dict for k in keys):
+                weight = self._saved_weight(prefix, [state_dict[k] for k in keys], local_metadata)
+            elif strict:
+                missing.extend(k for k in keys if k not in state_dict)
+        except ValueError as err:
+            errors.append(str(err))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        unexpected[:] = [k for k in unexpected if k not in keys]  # the bias loader did not know our keys
+        if weight is not None:
+            self.weight = weight
+
+    def _saved_weight(self, prefix, tensors, local_metadata) -> NF4Tensor:
+        """The NF4Tensor that saved (format, packed, ...) describe, checked against this layer's own parts."""
+        (fmt, *parts), own, names = tensors, self.weight, PARTS[self.weight.double_quant]
+        if fmt.dtype != torch.int64 or fmt.tolist()[:3] != [*own.shape, own.blocksize] or fmt[3] >= len(FLOAT_DTYPES):
+            raise ValueError(f"{prefix}weight_format is {fmt.tolist()}, but this layer holds a {tuple(own.shape)} "
+                             f"weight in blocks of {own.blocksize} (int64 [out, in, blocksize, dtype code])")
+        for name, t in zip(names, parts):  # this layer's own parts have the dtypes and shapes to expect
+            if (t.dtype, t.shape) != (getattr(own, name).dtype, getattr(own, name).shape):
+                raise ValueError(f"{prefix}weight_{name} must be {getattr(own, name).dtype} of shape "
+                                 f"{tuple(getattr(own, name).shape)}, got {t.dtype} of shape {tuple(t.shape)}")
+        # As load_state_dict does: copied onto this layer's device, unless assign=True (or a meta skeleton).
+        assign = local_metadata.get("assign_to_params_buffers", False) or own.device.type == "meta"
+        saved = {n: t if assign else t.to(own.device, copy=True) for n, t in zip(names, parts)}
+        return NF4Tensor(**{"absmax": None, **saved}, shape=own.shape, dtype=FLOAT_DTYPES[fmt[3]],
+                         blocksize=own.blocksize)
+
+
+def replace_modules(model: nn.Module, new: dict[str, nn.Module]) -> None:
+    """Put each new module at its dotted name; on any error, put every old one back (all or nothing)."""
+    old = {name: model.get_submodule(name) for name in new}
+    try:
+        for name, module in new.items():
+            model.set_submodule(name, module)
+    except BaseException:
+        for name, module in old.items():
+            model.set_submodule(name, module)
+        raise
+
 
 def quantize_model(model: nn.Module, skip=("lm_head", "classifier"), double_quant: bool = True,
                    blocksize: int = 64) -> nn.Module:
@@ -278,8 +353,16 @@ def quantize_model(model: nn.Module, skip=("lm_head", "classifier"), double_quan
     A linear stays in float when any dotted part of its name is in ``skip`` (the output heads by
     default). Quantizing twice is an error, not a no-op: the second call's settings would be
     silently ignored. LoRA must come after quantization (that is QLoRA), so LoRA layers are refused.
+    All or nothing: every layer is quantized before any is swapped in, so an error (a NaN weight,
+    named in the message) leaves the model as it was.
     """
-    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    if not isinstance(model, nn.Module) or isinstance(model, nn.Linear):
+        raise TypeError(f"quantize_model needs a model (an nn.Module holding nn.Linear layers; for one layer, "
+                        f"NF4Linear.from_linear), got {type(model).__name__}")
+    skip = (skip,) if isinstance(skip, str) else skip
+    if not isinstance(skip, (tuple, list, set)) or not all(isinstance(s, str) for s in skip):
+        raise TypeError(f"skip must be a module name or a tuple of names (e.g. ('lm_head',)), got {skip!r}")
+    _check_settings(blocksize, double_quant)
     modules = dict(model.named_modules())
     done = [n for n, m in modules.items() if getattr(type(m), "is_peftkit_4bit", False)]
     if done:
@@ -290,9 +373,12 @@ def quantize_model(model: nn.Module, skip=("lm_head", "classifier"), double_quan
         raise ValueError(f"the model already has LoRA layers (e.g. {lora[0]!r}): quantize first, then add_lora")
     targets = [n for n, m in modules.items() if isinstance(m, nn.Linear) and not set(n.split(".")) & set(skip)]
     if not targets:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear outside skip={skip} to quantize")
+        raise ValueError(f"{type(model).__name__} has no nn.Linear outside skip={tuple(skip)} to quantize")
+    quantized = {}
     for name in targets:
-        parent, _, child = name.rpartition(".")
-        new = NF4Linear.from_linear(modules[name], blocksize, double_quant)
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        try:
+            quantized[name] = NF4Linear.from_linear(modules[name], blocksize, double_quant)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"cannot quantize {name!r}: {err}; the model was left unchanged") from err
+    replace_modules(model, quantized)
     return model
