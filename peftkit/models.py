@@ -162,9 +162,13 @@ def _write_marker(folder: Path) -> None:
     files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER}
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{MARKER}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"files": files}, f, indent=1)
-    os.replace(tmp, folder / MARKER)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"files": files}, f, indent=1)
+        os.replace(tmp, folder / MARKER)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _cache_problem(folder: Path, hashes: bool = False) -> str | None:
@@ -221,12 +225,15 @@ def _build_cache(target: Path) -> None:
         _convert_gguf(tmp)
         _write_marker(tmp)  # last: everything it lists is on disk
         if target.exists():
-            target.rename(old)  # the broken cache, removed below
+            target.rename(old)  # the broken cache, deleted once the new one is in place
         try:
             tmp.rename(target)
-        except OSError:  # another process finished first: keep theirs if it is sound
-            if _cache_problem(target) is not None:
-                raise
+        except BaseException as error:
+            if isinstance(error, OSError) and _cache_problem(target) is None:
+                return  # another process put a sound cache there first: keep it
+            if old.exists() and not target.exists():
+                old.rename(target)  # a failed rebuild leaves the old folder where it was
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
@@ -267,7 +274,10 @@ def load_causal_lm(dtype: torch.dtype = torch.float32):
         model, tokenizer = _load_cached(target, dtype)
     else:
         if older:
-            _write_marker(target)
+            try:
+                _write_marker(target)
+            except OSError:  # a read-only cache still loads; it is checked again next time
+                pass
     return model, tokenizer
 
 
