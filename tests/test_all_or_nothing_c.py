@@ -66,15 +66,16 @@ def word_tokenizer():
 
 # --- (3) P-tuning load: checked before the encoder is replaced ----------------------------
 
-def exported_file(tmp_path, hidden_size=32, n=N):
+def exported_file(tmp_path, hidden_size=32, n=N, export=True):
     model = PTuningModel(tiny_llama(hidden_size), PTuningConfig(n, 16, "lstm"))
-    model.export_prompt()
+    if export:
+        model.export_prompt()
     return model.save(tmp_path / f"prompt-{hidden_size}-{n}.safetensors")
 
 
-@pytest.mark.parametrize("hidden_size, n", [(48, N), (32, N + 1)])
-def test_p_tuning_load_of_a_prompt_for_another_model_changes_nothing(tmp_path, hidden_size, n):
-    path = exported_file(tmp_path, hidden_size, n)
+@pytest.mark.parametrize("hidden_size, n, export", [(48, N, True), (32, N + 1, True), (48, N, False)])
+def test_p_tuning_load_of_a_prompt_for_another_model_changes_nothing(tmp_path, hidden_size, n, export):
+    path = exported_file(tmp_path, hidden_size, n, export)
     model = PTuningModel(tiny_llama(32), PTuningConfig(N, 16, "lstm")).train()
     encoder, before = model.prompt_encoder, snapshot(model)
     with pytest.raises(ValueError, match=r"prompt-.*safetensors does not fit.*wrong shapes.*prompt_encoder"):
