@@ -21,6 +21,21 @@ from datasets import ClassLabel, Dataset, DatasetDict
 TOPICS = ("ai", "coding", "emotion", "literature", "psychology", "science", "sports", "trivia")
 
 
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _split_size(name: str, value):
+    """A share in (0, 1) or a positive count, as ``Dataset.train_test_split`` takes it."""
+    if isinstance(value, float) and 0 < value < 1:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError(f"{name} must be a share in (0, 1) or a positive number of examples, got {value!r}")
+
+
 def _corpus_dir() -> Path:
     spec = importlib.util.find_spec("chatterbot_corpus")
     if spec is None:
@@ -37,6 +52,11 @@ def topic_classification(topics=TOPICS, max_per_topic: int = 100, test_size: flo
     """
     import yaml
 
+    topics = tuple(topics) if not isinstance(topics, str) else (topics,)
+    if not topics or len(set(topics)) != len(topics):
+        raise ValueError(f"topics must name at least one topic, each once, got {topics!r}; e.g. {TOPICS}")
+    _positive_int("max_per_topic", max_per_topic)
+    _split_size("test_size", test_size)
     owners: dict[str, set] = {}
     for topic in topics:
         path = _corpus_dir() / f"{topic}.yml"
@@ -92,6 +112,8 @@ def meaning_representation(name, food, area, price) -> str:
 
 def data_to_text(n_train: int = 400, n_test: int = 60, seed: int = 0) -> DatasetDict:
     """(mr, text) pairs; the test set's (name, food) pairs never occur in training."""
+    _positive_int("n_train", n_train)
+    _positive_int("n_test", n_test)
     rng = random.Random(seed)
     pairs = list(itertools.product(NAMES, FOODS))
     rng.shuffle(pairs)
@@ -134,9 +156,11 @@ class ClassificationCollator:
     """Examples with ``text`` and ``label`` → a padded batch with ``labels``."""
 
     def __init__(self, tokenizer, max_length: int = 64):
-        self.tokenizer, self.max_length = tokenizer, max_length
+        self.tokenizer, self.max_length = tokenizer, _positive_int("max_length", max_length)
 
     def __call__(self, examples):
+        if not examples:
+            raise ValueError("ClassificationCollator got no examples: a batch needs at least one")
         batch = self.tokenizer([e["text"] for e in examples], padding=True, truncation=True,
                                max_length=self.max_length, return_tensors="pt")
         batch["labels"] = torch.tensor([e["label"] for e in examples])
@@ -150,12 +174,17 @@ class CausalLMCollator:
     """
 
     def __init__(self, tokenizer, max_length: int = 96):
-        self.tokenizer, self.max_length = tokenizer, max_length
+        self.tokenizer, self.max_length = tokenizer, _positive_int("max_length", max_length)
 
     def __call__(self, examples):
+        if not examples:
+            raise ValueError("CausalLMCollator got no examples: a batch needs at least one")
         tok, rows = self.tokenizer, []
         for e in examples:
             prompt = tok(lm_prompt(e["mr"]), add_special_tokens=False)["input_ids"]
+            if len(prompt) >= self.max_length:  # nothing of the sentence would be left to learn
+                raise ValueError(f"max_length={self.max_length} cuts off the whole sentence: its prompt alone has "
+                                 f"{len(prompt)} tokens; use max_length > {len(prompt)}")
             target = tok(" " + e["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             ids = (prompt + target)[: self.max_length]
             rows.append((ids, ([-100] * len(prompt) + target)[: self.max_length]))
@@ -170,6 +199,8 @@ class CausalLMCollator:
 
 def generation_batch(tokenizer, mrs):
     """Left-padded prompts for ``generate`` (the new tokens must follow each prompt directly)."""
+    if isinstance(mrs, str) or not len(mrs):
+        raise ValueError(f"mrs must be a non-empty list of meaning representations, got {mrs!r}")
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         return dict(tokenizer([lm_prompt(m) for m in mrs], padding=True, add_special_tokens=False,

@@ -59,7 +59,7 @@ class PromptEncoder(nn.Module):
                             ("encoder_hidden_size", encoder_hidden_size), ("num_layers", num_layers)]:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not 0.0 <= dropout < 1.0:
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if kind == "mlp" and dropout:
             raise ValueError(f"dropout={dropout} applies between LSTM layers; the MLP encoder has none: "
@@ -93,8 +93,9 @@ class PTuningModel(PromptTuningModel):
         if not isinstance(config, PTuningConfig):
             raise TypeError(f"config must be a PTuningConfig, got {type(config).__name__}")
         token_dim = model.get_input_embeddings().embedding_dim
-        encoder = PromptEncoder(config.num_virtual_tokens, token_dim, config.encoder_hidden_size or token_dim,
-                                config.kind, config.num_layers, config.dropout)
+        hidden = token_dim if config.encoder_hidden_size is None else config.encoder_hidden_size
+        encoder = PromptEncoder(config.num_virtual_tokens, token_dim, hidden, config.kind, config.num_layers,
+                                config.dropout)  # checks every field before the model is touched
         super().__init__(model, modules_to_save=modules_to_save, prompt_encoder=encoder)
         self.config = config
 
@@ -118,10 +119,33 @@ class PTuningModel(PromptTuningModel):
                 "modules_to_save": self.modules_to_save}
 
     def load(self, path) -> dict:
-        """Load a checkpoint; an exported one (prompt only) first turns this model into its exported form."""
+        """Load a checkpoint; an exported one (prompt only) first turns this model into its exported form.
+
+        The file is checked against the model before anything changes; on any failure the model
+        (its encoder included) is left as it was.
+        """
         if load_tensors is None or load_adapter is None:
             raise ImportError("load() uses peftkit/io.py; outside peftkit, use load_state_dict(strict=False)")
-        _, config = load_tensors(path)
-        if config.get("exported") and not self.exported:
+        tensors, config = load_tensors(path)
+        if not config.get("exported") or self.exported:
+            return load_adapter(self, path)  # checks every key and shape before copying
+        encoder = self.prompt_encoder
+        # What the exported form of this model will hold: the (N, D) prompt and any trained head.
+        expected = {n: tuple(p.shape) for n, p in self.named_parameters()
+                    if p.requires_grad and not n.startswith("prompt_encoder.")}
+        expected["prompt_encoder.embedding.weight"] = (encoder.num_virtual_tokens, encoder.token_dim)
+        found = {k: tuple(v.shape) for k, v in tensors.items()}
+        if found != expected:
+            shapes = [f"{k}: file {found[k]} vs model {expected[k]}" for k in sorted(found.keys() & expected.keys())
+                      if found[k] != expected[k]]
+            raise ValueError(f"exported prompt file {path} does not fit this model: missing keys "
+                             f"{sorted(expected.keys() - found.keys())}, unexpected keys "
+                             f"{sorted(found.keys() - expected.keys())}, wrong shapes {shapes}. It was saved with "
+                             f"{config}; build the model with the same num_virtual_tokens and base model.")
+        was_training = encoder.training
+        try:
             self.export_prompt()  # its values are replaced by the file's just below
-        return load_adapter(self, path)
+            return load_adapter(self, path)
+        except BaseException:
+            self.prompt_encoder = encoder.train(was_training)  # back to the encoder, as it was
+            raise

@@ -34,6 +34,13 @@ except ImportError:
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
+def _kv_sizes(config) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) of a decoder's config: the prefix's sizes."""
+    num_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or num_heads, head_dim
+
+
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -86,8 +93,10 @@ class PrefixTuningModel(nn.Module):
     """A frozen causal LM whose attention layers all see a learned prefix.
 
     ``forward`` takes the model's usual arguments (``input_ids``, ``attention_mask``, ``labels``,
-    ...) and returns its output; ``generate`` decodes greedily. ``cache_class`` is the model's
-    cache class (default: ``transformers.DynamicCache``, imported when first needed).
+    ...) and returns its output; ``generate`` decodes greedily. ``position_ids`` given by the
+    caller number the input from 0, as without a prefix; they are shifted by P, as peft does.
+    ``cache_class`` is the model's cache class (default: ``transformers.DynamicCache``, imported
+    when first needed).
     """
 
     def __init__(self, model, num_virtual_tokens=10, projection=True, encoder_hidden_size=512, cache_class=None):
@@ -106,16 +115,15 @@ class PrefixTuningModel(nn.Module):
         self._cache_arg = next((a for a in ("cache", "past_key_values") if a in signature), None)
         if self._cache_arg is None:
             raise ValueError(f"{type(model).__name__}.forward takes no key/value cache, so it cannot take a prefix")
+        prefix_encoder = PrefixEncoder(  # checks the prefix length and sizes
+            *_kv_sizes(config), num_virtual_tokens, projection, encoder_hidden_size,
+        ).to(next(model.parameters()).device)
+        # everything is checked: only now is the model frozen
         self.base_model = model
         for p in model.parameters():
             p.requires_grad_(False)
-        num_heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-        self.prefix_encoder = PrefixEncoder(
-            config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or num_heads, head_dim,
-            num_virtual_tokens, projection, encoder_hidden_size,
-        ).to(next(model.parameters()).device)
-        self.num_virtual_tokens = self.prefix_encoder.num_virtual_tokens
+        self.prefix_encoder = prefix_encoder
+        self.num_virtual_tokens = prefix_encoder.num_virtual_tokens
         self.cache_class = cache_class
 
     @property
@@ -165,10 +173,17 @@ class PrefixTuningModel(nn.Module):
             raise ValueError("pass input_ids (B, T) or inputs_embeds (B, T, hidden_size)")
         batch_size, seq_len = x.shape[:2]
         attention_mask, default_positions = self._prefix_inputs(batch_size, seq_len, attention_mask, x.device)
+        if position_ids is None:
+            position_ids = default_positions
+        else:  # the caller numbers the input from 0; after the prefix it starts at P (peft shifts them too)
+            if position_ids.shape[-1] != seq_len:
+                raise ValueError(f"position_ids must have one position per input token ({seq_len}), "
+                                 f"got shape {tuple(position_ids.shape)}")
+            position_ids = position_ids + self.num_virtual_tokens
         kwargs[self._cache_arg] = self.prefix_cache(batch_size)
         return self.base_model(
             input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            position_ids=default_positions if position_ids is None else position_ids, use_cache=True, **kwargs,
+            position_ids=position_ids, use_cache=True, **kwargs,
         )
 
     @torch.no_grad()
@@ -221,12 +236,15 @@ class PrefixTuningModel(nn.Module):
         if not isinstance(prefix, torch.Tensor) or prefix.dim() != 5:
             raise ValueError("prefix must be the tensor export_prefix() returns: (num_layers, 2, num_kv_heads, P, "
                              f"head_dim), got {getattr(prefix, 'shape', type(prefix).__name__)}")
+        config = getattr(model, "config", None)
+        if getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES:  # else cls() below explains
+            num_layers, num_kv_heads, head_dim = _kv_sizes(config)
+            expected = (num_layers, 2, num_kv_heads, prefix.shape[3], head_dim)
+            if tuple(prefix.shape) != expected:  # checked before cls() freezes the model
+                raise ValueError(f"this model needs a prefix of shape (num_layers, 2, num_kv_heads, P, head_dim) = "
+                                 f"{expected}, got {tuple(prefix.shape)}")
         wrapped = cls(model, num_virtual_tokens=prefix.shape[3], projection=False, cache_class=cache_class)
         e = wrapped.prefix_encoder
-        expected = (e.num_layers, 2, e.num_kv_heads, e.num_virtual_tokens, e.head_dim)
-        if tuple(prefix.shape) != expected:
-            raise ValueError(f"this model needs a prefix of shape (num_layers, 2, num_kv_heads, P, head_dim) = "
-                             f"{expected}, got {tuple(prefix.shape)}")
         with torch.no_grad():  # undo the permute in PrefixEncoder.forward: back to (P, L * 2 * H * D)
             e.embedding.weight.copy_(prefix.permute(3, 0, 1, 2, 4).reshape(e.num_virtual_tokens, -1))
         return wrapped

@@ -114,17 +114,21 @@ class PromptTuningModel(nn.Module):
         children = dict(model.named_children())
         if modules_to_save is None:
             modules_to_save = [n for n in children if n in HEAD_NAMES]
+        if isinstance(modules_to_save, str):
+            raise TypeError(f"modules_to_save is a list of child names, got the string {modules_to_save!r}: "
+                            f"use [{modules_to_save!r}]")
         for name in modules_to_save:
             if name not in children:
                 raise ValueError(f"modules_to_save names {name!r}, but the model's children are {sorted(children)}")
+        # HF's own test for a generating model (a causal LM); a classifier has no generate().
+        self.is_causal_lm = bool(getattr(model, "can_generate", lambda: False)())
+        # everything is checked: only now is the model changed
         model.requires_grad_(False)
         for name in modules_to_save:
             children[name].requires_grad_(True)
         self.modules_to_save = list(modules_to_save)
         self.base_model = model
         self.prompt_encoder = prompt_encoder
-        # HF's own test for a generating model (a causal LM); a classifier has no generate().
-        self.is_causal_lm = bool(getattr(model, "can_generate", lambda: False)())
 
     def _check_length(self, seq_len):
         max_positions = _max_positions(self.base_model)
@@ -178,10 +182,13 @@ class PromptTuningModel(nn.Module):
         """
         if not self.is_causal_lm:
             raise ValueError(f"generate needs a causal language model, not {type(self.base_model).__name__}")
+        if kwargs.get("return_dict_in_generate"):
+            raise ValueError("PromptTuningModel.generate returns token ids only: pass return_dict_in_generate=False")
         inputs_embeds, attention_mask = self.prompt_inputs(input_ids, attention_mask)
-        # Given only inputs_embeds, HF returns only the new tokens.
+        # Given only inputs_embeds, HF returns only the new tokens: (B * k, new) for k sequences per input.
         new_tokens = self.base_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
-        return torch.cat([input_ids, new_tokens], dim=1)
+        per_input = new_tokens.shape[0] // input_ids.shape[0]  # num_return_sequences, HF repeats each row k times
+        return torch.cat([input_ids.repeat_interleave(per_input, dim=0), new_tokens], dim=1)
 
     def prompt_state_dict(self) -> dict:
         """The trained tensors (prompt, and head if trained) by name: all that a checkpoint needs."""
