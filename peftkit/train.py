@@ -142,7 +142,12 @@ def fit(model, train_data, collate, val_data=None, *, epochs: int = 3, batch_siz
                     f"loss became {loss.item()} at step {step + 1}: lower the learning rate (now {lr}) "
                     "or check the inputs for NaN/inf")
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            if not torch.isfinite(norm):  # before the step: the weights stay finite
+                bar.close()
+                raise TrainingDiverged(
+                    f"a gradient became {norm.item()} at step {step + 1} (the loss was {loss.item():.4g}): "
+                    f"lower the learning rate (now {lr}) or look for an operation that overflows")
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)

@@ -202,3 +202,20 @@ def test_interleaved_medians_take_turns_and_skip_warmup():
 def test_history_best_epoch():
     assert History(val_loss=[1.0, 0.5, 0.7]).best_epoch == 2
     assert History().best_epoch is None
+
+
+def test_fit_stops_before_a_non_finite_gradient_reaches_the_weights():
+    class Overflow(torch.nn.Module):  # a finite loss whose gradient is inf from the first step
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x, labels):
+            return type("Out", (), {"loss": (self.w * x).sum() * 0 + torch.sqrt(self.w - 1).sum() * 0 + self.w.sum()})
+
+    model = Overflow()
+    data = [{"x": torch.ones(1), "labels": 0}] * 4
+    collate = lambda rows: {"x": torch.stack([r["x"] for r in rows]), "labels": torch.zeros(len(rows))}  # noqa: E731
+    with pytest.raises(TrainingDiverged, match=r"a gradient became (nan|inf) at step 1 .*lower the learning rate"):
+        fit(model, data, collate, epochs=1, batch_size=2, progress=False)
+    assert torch.equal(model.w.detach(), torch.ones(1)), "the weights must not have taken the step"

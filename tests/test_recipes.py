@@ -71,7 +71,7 @@ def test_load_encoder_reads_minilm_through_mean_pooling():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(num_labels=3, pooling="max"), r"pooling must be one of \('mean', 'cls'\), got 'max'"),
     (dict(num_labels=0), r"num_labels must be an int >= 2"),
-    (dict(num_labels=3, id2label={0: "a", 1: "b"}), r"id2label must map 0..num_labels-1"),
+    (dict(num_labels=3, id2label={0: "a", 1: "b"}), r"id2label must be a dict mapping 0..num_labels-1"),
 ])
 def test_load_encoder_checks_its_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
