@@ -95,20 +95,20 @@ class Recipe:
         return ClassificationCollator(tokenizer, self.max_length)
 
 
-HEAD_LR = 1e-2  # the linear probe's selected rate, used for the head of every method
+HEAD_LR = 1e-2  # the head of every other method: the probe's rate under the first protocol (early stopping)
 GRID = (3e-4, 1e-3, 3e-3, 1e-2)  # adapters, LoRA, P-tuning: a decade and a half
 RECIPES = {
-    "full fine-tuning": Recipe(full_fine_tuning, lr=1e-4, head_lr=HEAD_LR, lr_grid=(1e-5, 3e-5, 1e-4, 3e-4)),
-    "linear probe": Recipe(linear_probe, lr=HEAD_LR, head_lr=HEAD_LR, lr_grid=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    "full fine-tuning": Recipe(full_fine_tuning, lr=0.0001, head_lr=HEAD_LR, lr_grid=(1e-5, 3e-5, 1e-4, 3e-4)),
+    "linear probe": Recipe(linear_probe, lr=0.003, head_lr=0.003, lr_grid=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
                            searches_head=True),
-    "Houlsby adapters": Recipe(adapters("houlsby"), lr=1e-3, head_lr=HEAD_LR, lr_grid=GRID),
-    "Pfeiffer adapters": Recipe(adapters("pfeiffer"), lr=3e-4, head_lr=HEAD_LR, lr_grid=GRID),
-    "LoRA q/v": Recipe(lora(["query", "value"]), lr=3e-4, head_lr=HEAD_LR, lr_grid=GRID),
-    "LoRA all-linear": Recipe(lora("all-linear"), lr=3e-3, head_lr=HEAD_LR, lr_grid=GRID),
-    "prompt tuning": Recipe(prompt_tuning, lr=3e-2, head_lr=HEAD_LR, lr_grid=(3e-3, 1e-2, 3e-2, 1e-1)),
-    "P-tuning LSTM": Recipe(p_tuning("lstm"), lr=1e-2, head_lr=HEAD_LR, lr_grid=GRID),
-    "P-tuning MLP": Recipe(p_tuning("mlp"), lr=3e-3, head_lr=HEAD_LR, lr_grid=GRID),
-    "QLoRA all-linear": Recipe(lora("all-linear", quantize=True), lr=1e-3, head_lr=HEAD_LR, lr_grid=GRID),
+    "Houlsby adapters": Recipe(adapters("houlsby"), lr=0.01, head_lr=HEAD_LR, lr_grid=GRID),
+    "Pfeiffer adapters": Recipe(adapters("pfeiffer"), lr=0.01, head_lr=HEAD_LR, lr_grid=GRID),
+    "LoRA q/v": Recipe(lora(["query", "value"]), lr=9e-05, head_lr=HEAD_LR, lr_grid=GRID),
+    "LoRA all-linear": Recipe(lora("all-linear"), lr=0.001, head_lr=HEAD_LR, lr_grid=GRID),
+    "prompt tuning": Recipe(prompt_tuning, lr=0.01, head_lr=HEAD_LR, lr_grid=(3e-3, 1e-2, 3e-2, 1e-1)),
+    "P-tuning LSTM": Recipe(p_tuning("lstm"), lr=0.001, head_lr=HEAD_LR, lr_grid=GRID),
+    "P-tuning MLP": Recipe(p_tuning("mlp"), lr=0.001, head_lr=HEAD_LR, lr_grid=GRID),
+    "QLoRA all-linear": Recipe(lora("all-linear", quantize=True), lr=0.001, head_lr=HEAD_LR, lr_grid=GRID),
 }
 
 
