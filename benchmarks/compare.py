@@ -23,7 +23,7 @@ that no variant inherits another's freed memory: weights and optimizer state as 
 and the peak of resident memory during a training step above the steady state before it
 (activations, gradients and temporaries: ``VmHWM`` reset through ``/proc/self/clear_refs``).
 
-    python benchmarks/compare.py                   # full run: 55 minutes on 2 idle CPU cores (2 jobs x 1 thread)
+    python benchmarks/compare.py                   # full run: 95 minutes on 2 shared CPU cores (2 jobs x 1 thread)
     python benchmarks/compare.py --quick --out /tmp/compare.json      # smoke test: one epoch, one seed
 """
 
