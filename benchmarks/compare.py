@@ -8,8 +8,6 @@ each method trained with its recipe from ``peftkit.recipes`` (the protocol is wr
    past that edge (the same ratio, at most twice) and the extension is recorded.
 2. seeds: the selected rate again with seeds 1 and 2 (head, data order and dropout differ); the
    test split is scored once per seed, and the table gives mean ± std over the 3 seeds.
-   Every run also records its test accuracy after each epoch (``test_accuracy_curve``), for 08's
-   diagnosis of early stopping; no choice reads it.
 3. peft, where it has the method: the same recipe and rate, seed 0; its test accuracy, and the
    step-time ratio from the two trained models taking turns on one batch.
 
@@ -23,7 +21,7 @@ that no variant inherits another's freed memory: weights and optimizer state as 
 and the peak of resident memory during a training step above the steady state before it
 (activations, gradients and temporaries: ``VmHWM`` reset through ``/proc/self/clear_refs``).
 
-    python benchmarks/compare.py                   # full run: 95 minutes on 2 shared CPU cores (2 jobs x 1 thread)
+    python benchmarks/compare.py                   # full run: 55 minutes on 2 idle CPU cores (2 jobs x 1 thread)
     python benchmarks/compare.py --quick --out /tmp/compare.json      # smoke test: one epoch, one seed
 """
 
@@ -139,21 +137,15 @@ def one_run(name, lr, seed, splits, max_epochs=None, progress=False):
     rates = {"lr": lr, "head_lr": lr} if recipe.searches_head else {"lr": lr}
     model, tokenizer = classifier(seed)
     model = recipe.build(model, tokenizer)
-    collate, test_curve = recipe.collate(tokenizer), []
-
-    def score_test(epoch, model):  # for 08's diagnosis of early stopping only: no choice reads it
-        test_curve.append(evaluate(model, splits["test"], collate)["accuracy"])
     try:
         history = train_recipe(model, tokenizer, recipe, splits, seed=seed, max_epochs=max_epochs,
-                               desc=f"{name} lr={lr:g} seed={seed}", progress=progress, on_epoch=score_test,
-                               **rates)
+                               desc=f"{name} lr={lr:g} seed={seed}", progress=progress, **rates)
     except TrainingDiverged as err:
         return None, {"lr": lr, "seed": seed, "diverged": str(err)}
     best = history.selected_epoch
     return model, {"lr": lr, "seed": seed, "val_accuracy": history.val_accuracy[best - 1],
                    "val_loss": history.val_loss[best - 1], "epochs_to_best": best,
                    "epochs_run": len(history.val_loss), "val_accuracy_curve": history.val_accuracy,
-                   "val_loss_curve": history.val_loss, "test_accuracy_curve": test_curve,
                    "epoch_seconds": statistics.median(history.epoch_seconds)}
 
 
@@ -333,27 +325,6 @@ def measure_memory(task: str, name: str) -> dict:
             "training_mb": weights_mb(model) + tensor_mb(state) + step_peak}
 
 
-def timed(fn, name, **kwargs) -> dict:
-    began = time.perf_counter()
-    row = fn(name, **kwargs)
-    return {**row, "job_seconds": time.perf_counter() - began}
-
-
-def job_seconds_of(path: Path) -> dict:
-    """(is a topic job, method) -> seconds its job took in the run recorded at ``path`` (or nothing)."""
-    try:
-        recorded = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    def seconds(row):  # a run recorded before job times were: its training time
-        runs = row.get("sweep", []) + row.get("seeds", [])[1:]
-        return row.get("job_seconds") or (sum(r.get("epochs_run", 0) * r.get("epoch_seconds", 0) for r in runs)
-                                          + row.get("steps", 0) * row.get("step_seconds", 0))
-    return {(topic, row["method"]): seconds(row)
-            for topic, table in ((True, "topic_classification"), (False, "generation"))
-            for row in recorded.get(table, [])}
-
-
 def memory_in_fresh_process(task: str, name: str, threads: int) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--memory-only", task, name, "--threads", str(threads)]
     out = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout
@@ -408,23 +379,17 @@ def main(argv=None) -> dict:
                                  **(dict(quick, grid=(RECIPES[n].lr,)) if args.quick else {})))
              for n in args.topic_methods]
     calls += [(run_generation, n, dict(threads=args.threads, progress=progress, **lm)) for n in gen_names]
-    probes = [("topic", n) for n in args.topic_methods] + [("generation", n) for n in args.generation_methods]
     if args.jobs == 1:  # in this process (also when the script was loaded from a path, as the tests do)
-        rows = [timed(fn, name, **kwargs) for fn, name, kwargs in calls]
-        memory = [memory_in_fresh_process(task, name, args.threads) for task, name in probes]
-    else:  # the longest jobs first (times of the previous run), so that no job is left alone at the end
-        previous = job_seconds_of(Path(args.out))
-        order = sorted(range(len(calls)), key=lambda i: -previous.get((calls[i][0] is run_topic, calls[i][1]), 0.0))
+        rows = [fn(name, **kwargs) for fn, name, kwargs in calls]
+    else:
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-            futures = {i: pool.submit(timed, *calls[i][:2], **calls[i][2]) for i in order}
-            memory = [pool.submit(memory_in_fresh_process, task, name, args.threads) for task, name in probes]
-            rows, memory = [futures[i].result() for i in range(len(calls))], [f.result() for f in memory]
+            rows = [f.result() for f in [pool.submit(fn, name, **kwargs) for fn, name, kwargs in calls]]
     result["topic_classification"] = rows[: len(args.topic_methods)]
     result["generation"] = rows[len(args.topic_methods):]
-    trained = result["topic_classification"] + result["generation"][1:]  # the frozen model trains nothing
-    for row, measured in zip(trained, memory):
-        row["memory"] = measured
+    for task, table in (("topic", result["topic_classification"]), ("generation", result["generation"][1:])):
+        for row in table:
+            row["memory"] = memory_in_fresh_process(task, row["method"], args.threads)
     result["environment"]["load_average_1min_at_end"] = os.getloadavg()[0]
     result["wall_seconds"] = time.perf_counter() - began
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -31,9 +31,6 @@ def test_quick_run_writes_the_tables(compare, tmp_path):
         assert row["trainable"] > 0 and 0 < row["trainable_percent"] < 100
         assert row["adapter_bytes"] > 4 * row["trainable"] * 0.99  # float32 tensors, plus a small header
         assert row["epoch_seconds"] > 0 and row["epochs_to_best"] == [1]
-        seed0 = row["seeds"][0]  # the diagnosis curve holds the same number the table reports
-        assert seed0["test_accuracy_curve"][seed0["epochs_to_best"] - 1] == seed0["test_accuracy"]
-        assert len(seed0["val_loss_curve"]) == seed0["epochs_run"] and row["job_seconds"] > 0
         assert [r["lr"] for r in row["sweep"]] == [compare.RECIPES[row["method"]].lr]  # --quick: the recipe's rate
         memory = row["memory"]
         assert memory["weights_mb"] > 80 and memory["optimizer_mb"] > 0 and memory["step_peak_mb"] >= 0
@@ -77,17 +74,3 @@ def test_committed_generation_table(compare):
         curve = row["val_loss_curve"]
         assert row["last_relative_change"] == pytest.approx((curve[-1] - curve[-2]) / curve[-2])
         assert row["memory"]["training_mb"] > row["memory"]["weights_mb"]
-
-
-def test_previous_job_times_order_the_next_run(compare, tmp_path):
-    """Longest jobs first: times come from the last run's job_seconds, or its training times."""
-    recorded = {"topic_classification": [{"method": "LoRA q/v", "job_seconds": 50.0},
-                                         {"method": "linear probe", "sweep": [{"epochs_run": 4, "epoch_seconds": 2.0}],
-                                          "seeds": [{"epochs_run": 9, "epoch_seconds": 9.0},
-                                                    {"epochs_run": 3, "epoch_seconds": 2.0}]}],
-                "generation": [{"method": "LoRA q/v", "steps": 10, "step_seconds": 3.0}]}
-    path = tmp_path / "compare.json"
-    path.write_text(json.dumps(recorded))
-    assert compare.job_seconds_of(path) == {(True, "LoRA q/v"): 50.0, (True, "linear probe"): 14.0,
-                                            (False, "LoRA q/v"): 30.0}
-    assert compare.job_seconds_of(tmp_path / "missing.json") == {}

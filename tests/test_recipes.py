@@ -228,7 +228,3 @@ def test_on_epoch_runs_after_each_scored_epoch_even_the_stopping_one():
     assert [e for e, _ in seen] == list(range(1, len(history.val_loss) + 1)) and len(seen) < 30
     assert [a for _, a in seen] == history.val_accuracy  # called after the epoch's scoring, before any restore
 
-
-def test_recipes_train_the_whole_schedule_and_keep_the_best_epoch():
-    """No early stopping in the course's protocol: a lucky early peak on 101 examples cost test accuracy."""
-    assert all(r.patience is None and r.max_epochs == 12 for r in recipes.RECIPES.values())
