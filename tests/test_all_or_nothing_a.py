@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import peftkit.adapters as adapters_module
 import peftkit.lora as lora_module
@@ -22,24 +21,14 @@ from peftkit.lora import (LoRALinear, add_lora, export_peft, load_adapter, lora_
                           save_adapter, unmerge_lora)
 from peftkit.nf4 import quantize_model
 
+from tiny import tiny_bert, tiny_llama  # noqa: E402
+
 torch.set_num_threads(1)
 IDS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
 FROZEN_KEY = "bert.embeddings.word_embeddings.weight"
 INTERRUPTS = [OSError("disk went away"), RuntimeError("boom"), KeyboardInterrupt()]
 
 
-def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, num_labels=3)
-    return BertForSequenceClassification(config).eval()
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
 
 
 def randomize_(model, seed=3):

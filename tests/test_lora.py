@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertForSequenceClassification
 
 from peftkit.lora import (
     LoRALinear,
@@ -21,21 +21,11 @@ from peftkit.lora import (
     unmerge_lora,
 )
 
+from tiny import tiny_bert, tiny_llama  # noqa: E402
+
 torch.set_num_threads(1)
 
 
-def tiny_bert():
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, num_labels=3)
-    return BertForSequenceClassification(config).eval()
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
 
 
 MODELS = {"bert": tiny_bert, "llama": tiny_llama}
