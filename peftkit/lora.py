@@ -229,8 +229,12 @@ def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
     layers = _lora_layers(model)
     for _, layer in layers:
         layer._check_mergeable()  # all or nothing: refuse before any weight changes
-    for name, layer in layers:
-        layer.merge()
+    with torch.no_grad():  # first every merged weight, the model untouched (one extra copy of those weights)
+        merged = {name: (layer.base.weight + layer.delta_weight()).to(layer.base.weight.dtype)
+                  for name, layer in layers if not layer.merged}
+    for name, layer in layers:  # then swap them in: nothing left that can fail halfway
+        if name in merged:
+            layer.base.weight.data, layer.merged = merged[name], True
         if unload:
             model.set_submodule(name, layer.base)
     if unload and "lora_config" in vars(model):

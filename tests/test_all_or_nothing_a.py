@@ -200,6 +200,28 @@ def test_lora_load_into_merged_model_is_refused_and_unmerge_stays_exact(tmp_path
 
 # --- 3. rollback on any exception; arguments checked first ---------------------------------------
 
+@pytest.mark.parametrize("unload", [True, False])
+@pytest.mark.parametrize("error", INTERRUPTS, ids=lambda e: type(e).__name__)
+def test_merge_interrupted_at_a_later_layer_leaves_every_weight_unmerged(monkeypatch, unload, error):
+    model = randomize_(add_lora(tiny_bert(), ["query", "value"], rank=4), seed=5)
+    before = snapshot(model)
+    delta, calls = LoRALinear.delta_weight, []
+
+    def fail_on_the_third(self):
+        calls.append(self)
+        if len(calls) == 3:
+            raise error
+        return delta(self)
+    monkeypatch.setattr(LoRALinear, "delta_weight", fail_on_the_third)
+    with pytest.raises(type(error)):
+        merge_lora(model, unload=unload)
+    assert_unchanged(model, before)
+    assert not any(layer.merged for layer in calls)
+    monkeypatch.undo()
+    logits = model(input_ids=IDS).logits
+    torch.testing.assert_close(merge_lora(model, unload=unload)(input_ids=IDS).logits, logits)  # a retry works
+
+
 @pytest.mark.parametrize("error", INTERRUPTS, ids=lambda e: type(e).__name__)
 @pytest.mark.parametrize("injected", [False, True])
 def test_lora_load_interrupted_rolls_back(tmp_path, monkeypatch, error, injected):
