@@ -121,16 +121,16 @@ def classifier(seed: int = 0, num_labels: int = 8):
 
 
 def train(model, tokenizer, recipe: Recipe, splits=None, *, seed: int = 0, lr: float | None = None,
-          head_lr: float | None = None, max_epochs: int | None = None, desc: str = "train",
-          progress: bool = True, on_epoch=None) -> History:
+          head_lr: float | None = None, max_epochs: int | None = None, batch_size: int | None = None,
+          desc: str = "train", progress: bool = True, on_epoch=None, comm_hook=None) -> History:
     """Train ``model`` (already built by ``recipe.build``) with ``recipe`` on ``splits``
-    (default ``topic_splits()``); ``lr``, ``head_lr`` and ``max_epochs`` override the recipe (the
-    search, or a notebook's smaller budget)."""
+    (default ``topic_splits()``); ``lr``, ``head_lr``, ``max_epochs`` and ``batch_size`` override the
+    recipe (the search, a notebook's smaller budget, or the per-rank batch under DDP)."""
     splits = topic_splits() if splits is None else splits
     return fit(model, splits["train"], recipe.collate(tokenizer), splits["validation"],
-               epochs=max_epochs or recipe.max_epochs, batch_size=recipe.batch_size, lr=lr or recipe.lr,
-               head_lr=head_lr or recipe.head_lr, patience=recipe.patience, seed=seed, desc=desc, progress=progress,
-               on_epoch=on_epoch)
+               epochs=max_epochs or recipe.max_epochs, batch_size=batch_size or recipe.batch_size,
+               lr=lr or recipe.lr, head_lr=head_lr or recipe.head_lr, patience=recipe.patience, seed=seed,
+               desc=desc, progress=progress, on_epoch=on_epoch, comm_hook=comm_hook)
 
 
 def run(name: str, seed: int = 0, splits=None, **overrides) -> tuple[torch.nn.Module, History]:

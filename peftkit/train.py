@@ -4,7 +4,8 @@
 progress bar, training loss per step, validation loss and accuracy per epoch, the new head in its
 own parameter group, the best epoch's weights kept (stopping early once validation has stopped
 improving), and a clear stop if the loss becomes NaN or infinite. Any model whose forward returns
-``.loss`` works.
+``.loss`` works. Under ``torch.distributed`` (launched with ``torchrun`` or ``accelerate launch``,
+see ``peftkit.distributed``) the same loop trains data-parallel with DDP.
 """
 
 import math
@@ -15,7 +16,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm  # plain text bar: no widget state in committed notebooks
 
 from .prompt_tuning import HEAD_NAMES  # the new heads of HF classifiers (peft's modules_to_save)
@@ -97,7 +100,7 @@ def fit(model, train_data, collate, val_data=None, *, epochs: int = 3, batch_siz
         lr: float = 1e-3, head_lr: float | None = None, patience: int | None = None,
         weight_decay: float = 0.01, warmup: float = 0.1, max_grad_norm: float = 1.0,
         max_steps: int | None = None, seed: int = 0, desc: str = "train", progress: bool = True,
-        on_epoch=None) -> History:
+        on_epoch=None, comm_hook=None) -> History:
     """Train the parameters of ``model`` that have ``requires_grad``; returns the History.
 
     ``head_lr``: the learning rate of a new classifier head (parameters under a module named
@@ -107,12 +110,23 @@ def fit(model, train_data, collate, val_data=None, *, epochs: int = 3, batch_siz
     epoch (``History.selected_epoch``). ``patience``: stop after that many epochs without a
     better validation score. ``on_epoch(epoch, model)``: called after every epoch (and its scoring),
     e.g. to record what a diagnosis needs; it must not train.
+
+    Data-parallel when a ``torch.distributed`` process group is initialised: each rank trains on its
+    shard of ``train_data`` (a ``DistributedSampler``, reshuffled every epoch from ``seed``) with
+    ``batch_size`` examples per rank, and DDP averages the gradients of the trainable parameters
+    (frozen ones are never sent) during ``backward``, so every rank takes the same step. Every rank
+    scores the whole (small) validation split, so all keep the same best epoch without talking.
+    ``comm_hook``: a DDP communication hook, e.g. ``peftkit.distributed.AllReduceLedger().hook``.
+    Only rank 0 shows a progress bar; writing files is the caller's, on rank 0
+    (``peftkit.distributed.on_main``).
     """
     _check_positive(epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, max_steps=max_steps,
                     patience=patience)
     if val_data is not None and len(val_data) == 0:
         raise ValueError("val_data is empty: pass None to train without validation")
-    seed_everything(seed)
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    seed_everything(seed + rank)  # each rank its own dropout masks
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters: add a technique or unfreeze something")
@@ -121,27 +135,38 @@ def fit(model, train_data, collate, val_data=None, *, epochs: int = 3, batch_siz
     body = [p for n, p in named if not (head_lr is not None and _is_head(n))]
     groups = [g for g in ({"params": body, "lr": lr}, {"params": head, "lr": head_lr}) if g["params"]]
     params = body + head
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train_data, batch_size=batch_size, shuffle=True, collate_fn=collate, generator=generator)
+    net = model
+    if distributed:  # this rank's shard; the ranks together see the same examples as one process would
+        sampler = DistributedSampler(train_data, shuffle=True, seed=seed)
+        loader = DataLoader(train_data, batch_size=batch_size, sampler=sampler, collate_fn=collate)
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                      broadcast_buffers=False)  # buffers here are constants (position ids)
+        if comm_hook is not None:
+            net.register_comm_hook(None, comm_hook)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        loader = DataLoader(train_data, batch_size=batch_size, shuffle=True, collate_fn=collate, generator=generator)
     total = min(max_steps or math.inf, epochs * len(loader))
     warm = max(1, int(warmup * total))
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
     history, step, best = History(), 0, None
-    bar = tqdm(total=total, desc=desc, disable=not progress, mininterval=2.0)
+    bar = tqdm(total=total, desc=desc, disable=not progress or rank != 0, mininterval=2.0)
     for epoch in range(epochs):
         model.train()
+        if distributed:
+            sampler.set_epoch(epoch)
         began = time.perf_counter()
         for batch in loader:
             start = time.perf_counter()
-            loss = model(**_to(batch, device)).loss
+            loss = net(**_to(batch, device)).loss
             if not torch.isfinite(loss):
                 bar.close()
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at step {step + 1}: lower the learning rate (now {lr}) "
                     "or check the inputs for NaN/inf")
-            loss.backward()
+            loss.backward()  # under DDP: returns once the gradients are averaged over the ranks
             norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             if not torch.isfinite(norm):  # before the step: the weights stay finite
                 bar.close()
