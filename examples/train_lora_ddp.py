@@ -3,7 +3,7 @@
 One process per CPU core (gloo) or per GPU (NCCL), each with its shard of every batch:
 
     torchrun --nproc_per_node=2 examples/train_lora_ddp.py --out runs/ddp
-    accelerate launch --cpu --num_processes 2 examples/train_lora_ddp.py --out runs/ddp
+    accelerate launch --multi_gpu --num_processes 2 examples/train_lora_ddp.py --out runs/ddp
 
 Several machines (run on each, with its own --node-rank; HOST is machine 0's address):
 

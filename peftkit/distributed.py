@@ -10,9 +10,9 @@ With R ranks of b examples this is the step one process takes on R * b examples 
 rounding and dropout masks). Only parameters with ``requires_grad`` are all-reduced: a LoRA run
 sends its few hundred kilobytes per step where full fine-tuning sends the whole model.
 
-Launch a script with ``torchrun --nproc_per_node=2 script.py`` or ``accelerate launch
---num_processes 2 script.py``; both set ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
-``MASTER_PORT``, which ``init_from_env`` reads. Needs only torch.
+Launch a script with ``torchrun --nproc_per_node=2 script.py`` or ``accelerate launch --multi_gpu
+--num_processes 2 script.py`` (accelerate's torchrun path; it runs on CPUs too). Both set ``RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``, which ``init_from_env`` reads. Needs only torch.
 """
 
 import os
