@@ -56,7 +56,7 @@ def main(argv=None):
     if args.train_examples:
         splits["train"] = splits["train"].select(range(args.train_examples))
     model, tokenizer = classifier(seed=args.seed)
-    model = recipe.build(model, tokenizer)
+    model = recipe.build(model, tokenizer).to(distributed.device())
     if args.no_dropout:
         for module in model.modules():
             if isinstance(module, nn.Dropout):

@@ -25,18 +25,26 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 def init_from_env() -> tuple[int, int]:
     """Join the process group a launcher described in the environment: (rank, world size).
 
-    gloo on the CPU, NCCL on GPUs (one per rank, ``LOCAL_RANK``). Without a launcher: (0, 1), no group.
+    NCCL with one GPU per rank (``LOCAL_RANK``) when this machine has a GPU for each of its ranks,
+    else gloo on the CPU. Without a launcher: (0, 1), no group.
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if "WORLD_SIZE" not in os.environ:
         return 0, 1
-    if torch.cuda.is_available():
+    if torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", 1)):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl")
     else:
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def device() -> torch.device:
+    """Where this rank's model belongs: its GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def rank() -> int:

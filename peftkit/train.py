@@ -2,8 +2,8 @@
 
 ``fit``: AdamW with weight decay, linear warm-up then linear decay, gradient clipping, a tqdm
 progress bar, training loss per step, validation loss and accuracy per epoch, the new head in its
-own parameter group, the best epoch's weights kept (stopping early once validation has stopped
-improving), and a clear stop if the loss becomes NaN or infinite. Any model whose forward returns
+own parameter group, the best epoch's weights kept (with ``patience``, stopping early once validation
+has stopped improving; the course's recipes train their whole schedule), and a clear stop if the loss becomes NaN or infinite. Any model whose forward returns
 ``.loss`` works. Under ``torch.distributed`` (launched with ``torchrun`` or ``accelerate launch``,
 see ``peftkit.distributed``) the same loop trains data-parallel with DDP.
 """
