@@ -7,21 +7,20 @@ import pytest
 import torch
 from torch import nn
 from torch.testing import assert_close
-from transformers import BertConfig, BertForSequenceClassification, BertModel, LlamaConfig, LlamaForCausalLM
+from transformers import BertModel
 
 from peftkit import io
 from peftkit.adapters import (AdaptedSublayer, AdapterConfig, BottleneckAdapter, adapter_config,
                               adapter_state_dict, add_adapters, load_adapters, remove_adapters,
                               save_adapters)
 
+from tiny import tiny_bert, tiny_llama  # noqa: E402
+
 # Largest output change allowed at initialisation with the default init_std=1e-3. The adapter's
 # extra term is of order init_std**2 * sqrt(d * m) * |h|, about 1e-5 here; init_std=0.1 makes it
 # 1e4 times larger, which this tolerance catches (checked below).
 IDENTITY_ATOL = 1e-4
 
-BERT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-LLAMA = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, intermediate_size=64)
 # Per family: where the adapted projections and the trained norms sit inside layer i.
 PATHS = {
     "bert": {"prefix": "encoder.layer.{i}.", "attention": "attention.output.dense",
@@ -33,10 +32,10 @@ SUBLAYERS = {"houlsby": ("attention", "feed_forward"), "pfeiffer": ("feed_forwar
 
 
 def make(family, seed=0):
-    torch.manual_seed(seed)  # same seed, same frozen base
+    """The bare encoder or the causal LM; same seed, same frozen base. Default positions and labels."""
     if family == "bert":
-        return BertModel(BertConfig(**BERT)).eval()
-    return LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
+        return tiny_bert(seed, model_class=BertModel, num_labels=None)
+    return tiny_llama(seed, max_position_embeddings=None)
 
 
 def ids():
@@ -209,8 +208,7 @@ def test_gradients_reach_only_adapters_and_houlsby_norms(family, placement):
 
 
 def test_modules_to_save_train_in_full_and_are_saved(tmp_path):
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(**BERT, num_labels=3)).eval()
+    model = tiny_bert(seed=0)
     add_adapters(model, "pfeiffer", reduction_factor=4, modules_to_save=["classifier"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {"classifier.weight", "classifier.bias"} <= trainable
@@ -256,7 +254,8 @@ def test_load_with_other_config_fails_and_leaves_model_unchanged(tmp_path):
         load_adapters(model, path)
     assert all(torch.equal(model.get_parameter(n), t) for n, t in before.items())
 
-    bigger = BertModel(BertConfig(**{**BERT, "num_hidden_layers": 3}))  # the file lacks layer 2
+    bigger = tiny_bert(seed=None, model_class=BertModel, num_labels=None, num_hidden_layers=3,
+                       eval_mode=False)  # the file lacks layer 2
     with pytest.raises(ValueError, match="missing keys"):
         load_adapters(bigger, path)
     assert not any(isinstance(m, AdaptedSublayer) for m in bigger.modules())

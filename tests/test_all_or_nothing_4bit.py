@@ -15,22 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from peftkit.adapters import add_adapters, load_adapters, remove_adapters, save_adapters
 from peftkit.lora import LoRALinear, add_lora
 from peftkit.nf4 import PARTS, NF4Linear, quantize_model, quantize_nf4
 from peftkit.qlora import merge_into_4bit, merge_into_float, merged_weight, prepare_for_qlora, requantized_update_error
 
+from tiny import wide_llama  # noqa: E402
+
 torch.set_num_threads(1)
 IDS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
-
-
-def tiny_llama(dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).to(dtype).eval()
 
 
 def snapshot(model):
@@ -60,7 +53,7 @@ def logits(model):
 # --- quantize_model: all or nothing ---
 
 def test_a_nan_in_a_later_layer_leaves_the_model_float_names_it_and_a_retry_works():
-    model, reference = tiny_llama(), tiny_llama()
+    model, reference = wide_llama(), wide_llama()
     bad = "model.layers.1.mlp.down_proj"
     with torch.no_grad():
         model.get_submodule(bad).weight[3, 5] = float("nan")
@@ -79,7 +72,7 @@ def test_a_nan_in_a_later_layer_leaves_the_model_float_names_it_and_a_retry_work
 @pytest.mark.parametrize("fail_at", [0, 5, 13])  # the first, a middle and the last of 14 layers
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_a_failure_while_quantizing_any_layer_changes_nothing(monkeypatch, fail_at, error):
-    model = tiny_llama()
+    model = wide_llama()
     before = snapshot(model)
     calls, original = [], NF4Linear.from_linear.__func__
 
@@ -97,7 +90,7 @@ def test_a_failure_while_quantizing_any_layer_changes_nothing(monkeypatch, fail_
 
 @pytest.mark.parametrize("fail_at", [0, 7, 13])
 def test_an_interrupt_while_swapping_layers_in_puts_every_float_layer_back(monkeypatch, fail_at):
-    model = tiny_llama()
+    model = wide_llama()
     before = snapshot(model)
     calls, original = [], nn.Module.set_submodule
 
@@ -121,7 +114,7 @@ def test_an_interrupt_while_swapping_layers_in_puts_every_float_layer_back(monke
     ({"blocksize": 64.0}, ValueError, "positive even int"),
 ])
 def test_quantize_model_checks_its_arguments_before_touching_the_model(kwargs, error, words):
-    model = tiny_llama()
+    model = wide_llama()
     before = snapshot(model)
     with pytest.raises(error, match=words):
         quantize_model(model, **kwargs)
@@ -149,7 +142,7 @@ def test_quantize_model_refuses_what_is_not_a_model():
 # --- prepare_for_qlora and the merges: all or nothing ---
 
 def test_prepare_for_qlora_rolls_back_when_gradient_checkpointing_fails(monkeypatch):
-    model = tiny_llama(torch.bfloat16)
+    model = wide_llama(dtype=torch.bfloat16)
     model.model.embed_tokens.weight.requires_grad_(False)  # restored as it was, not as prepare sets it
     before, use_cache = snapshot(model), model.config.use_cache
 
@@ -172,7 +165,7 @@ def test_prepare_for_qlora_rolls_back_when_gradient_checkpointing_fails(monkeypa
 
 
 def test_prepare_for_qlora_checks_arguments_and_names_a_nan_layer():
-    model = tiny_llama()
+    model = wide_llama()
     before = snapshot(model)
     with pytest.raises(TypeError, match="gradient_checkpointing must be True or False"):
         prepare_for_qlora(model, gradient_checkpointing="no")
@@ -187,7 +180,7 @@ def test_prepare_for_qlora_checks_arguments_and_names_a_nan_layer():
 
 
 def qlora_llama(double_quant=True):
-    model = prepare_for_qlora(tiny_llama(), double_quant=double_quant)
+    model = prepare_for_qlora(wide_llama(), double_quant=double_quant)
     torch.manual_seed(1)
     add_lora(model, "all-linear", rank=4, alpha=8)
     for name, p in model.named_parameters():
@@ -226,7 +219,7 @@ def test_merge_into_4bit_interrupted_while_swapping_puts_the_lora_layers_back(mo
 
 
 def test_merge_into_float_failures_leave_the_float_model_alone(monkeypatch):
-    model, float_model = qlora_llama(), tiny_llama()
+    model, float_model = qlora_llama(), wide_llama()
     before = snapshot(float_model)
     with pytest.raises(TypeError, match="float_model must be"):
         merge_into_float(model, "float_model")
@@ -270,8 +263,8 @@ def assert_same_4bit_weights(model, reference, shared=False):
 @pytest.mark.parametrize("dtype, double_quant", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)])
 @pytest.mark.parametrize("via", ["safetensors", "torch.save", "save_pretrained"])
 def test_a_quantized_llama_saved_and_reloaded_gives_identical_outputs(tmp_path, dtype, double_quant, via):
-    model = quantize_model(tiny_llama(dtype), double_quant=double_quant)
-    skeleton = quantize_model(tiny_llama(dtype, seed=5), double_quant=double_quant)  # other weights
+    model = quantize_model(wide_llama(dtype=dtype), double_quant=double_quant)
+    skeleton = quantize_model(wide_llama(seed=5, dtype=dtype), double_quant=double_quant)  # other weights
     assert not torch.equal(logits(skeleton), logits(model))
     path = tmp_path / "model.bin"
     if via == "safetensors":
@@ -311,9 +304,9 @@ def test_load_with_assign_into_a_meta_skeleton():
 
 
 def test_a_float_state_dict_into_a_4bit_model_fails_clearly_and_keeps_the_4bit_weights():
-    float_state = tiny_llama(seed=3).state_dict()
+    float_state = wide_llama(seed=3).state_dict()
     for strict in (True, False):
-        model = quantize_model(tiny_llama())
+        model = quantize_model(wide_llama())
         weights = {n: m.weight for n, m in model.named_modules() if isinstance(m, NF4Linear)}
         with pytest.raises(RuntimeError, match=r"model.layers.0.self_attn.q_proj.weight is a float weight, but "
                                                r"this layer is a 4-bit NF4Linear"):
@@ -322,28 +315,28 @@ def test_a_float_state_dict_into_a_4bit_model_fails_clearly_and_keeps_the_4bit_w
 
 
 def test_a_4bit_state_dict_into_a_float_model_fails_clearly():
-    state = quantize_model(tiny_llama()).state_dict()
+    state = quantize_model(wide_llama()).state_dict()
     with pytest.raises(RuntimeError, match=r'(?s)Missing key\(s\).*"model.layers.0.self_attn.q_proj.weight".*'
                                            r'Unexpected key\(s\).*"model.layers.0.self_attn.q_proj.weight_packed"'):
-        tiny_llama().load_state_dict(state, strict=True)
+        wide_llama().load_state_dict(state, strict=True)
 
 
 def test_a_state_dict_of_other_settings_or_shapes_is_refused():
-    model = quantize_model(tiny_llama())
-    other_quant = quantize_model(tiny_llama(), double_quant=False).state_dict()
+    model = quantize_model(wide_llama())
+    other_quant = quantize_model(wide_llama(), double_quant=False).state_dict()
     with pytest.raises(RuntimeError, match="saved with double_quant=False, but this layer has double_quant=True"):
         model.load_state_dict(other_quant)
-    other_blocks = quantize_model(tiny_llama(), blocksize=32).state_dict()
+    other_blocks = quantize_model(wide_llama(), blocksize=32).state_dict()
     with pytest.raises(RuntimeError, match=r"weight_format is \[64, 64, 32, 0\], but this layer holds a \(64, 64\) "
                                            r"weight in blocks of 64"):
         model.load_state_dict(other_blocks)
-    state = quantize_model(tiny_llama()).state_dict()
+    state = quantize_model(wide_llama()).state_dict()
     state["model.layers.0.mlp.up_proj.weight_packed"] = state["model.layers.0.mlp.up_proj.weight_packed"].float()
     with pytest.raises(RuntimeError, match=r"up_proj.weight_packed must be torch.uint8 of shape \(4096,\), got "
                                            r"torch.float32 of shape \(4096,\)"):
         model.load_state_dict(state)
     weights = {n: m.weight for n, m in model.named_modules() if isinstance(m, NF4Linear)}
-    state = quantize_model(tiny_llama(seed=4)).state_dict()
+    state = quantize_model(wide_llama(seed=4)).state_dict()
     del state["model.layers.1.self_attn.o_proj.weight_absmax_scale"]
     with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: '
                                            r'"model.layers.1.self_attn.o_proj.weight_absmax_scale"'):
@@ -356,7 +349,7 @@ def test_a_state_dict_of_other_settings_or_shapes_is_refused():
 # --- adapters on a 4-bit base ---
 
 def test_add_adapters_works_on_a_quantized_llama(tmp_path):
-    model = prepare_for_qlora(tiny_llama())
+    model = prepare_for_qlora(wide_llama())
     assert not model.model.layers[0].mlp.down_proj.weight.is_floating_point()  # stored as 4-bit codes
     add_adapters(model)
     wrapped = model.model.layers[0].mlp.down_proj
@@ -368,7 +361,7 @@ def test_add_adapters_works_on_a_quantized_llama(tmp_path):
     model.eval()
     expected = logits(model)
     save_adapters(model, tmp_path / "adapters.safetensors")
-    fresh = prepare_for_qlora(tiny_llama())
+    fresh = prepare_for_qlora(wide_llama())
     load_adapters(fresh, tmp_path / "adapters.safetensors")
     assert torch.equal(logits(fresh), expected)
     remove_adapters(model)

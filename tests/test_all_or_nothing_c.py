@@ -24,21 +24,9 @@ from peftkit.p_tuning import PromptEncoder, PTuningConfig, PTuningModel
 from peftkit.prefix_tuning import PrefixTuningModel
 from peftkit.prompt_tuning import PromptTuningModel, SoftPrompt
 
+from tiny import short_bert, short_llama  # noqa: E402
+
 N = 4  # virtual tokens / prefix length
-
-
-def tiny_llama(hidden_size=32, seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=100, hidden_size=hidden_size, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                                      max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def tiny_bert():
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=32, num_labels=3)
-    return transformers.BertForSequenceClassification(config).eval()
 
 
 def snapshot(module):
@@ -67,7 +55,7 @@ def word_tokenizer():
 # --- (3) P-tuning load: checked before the encoder is replaced ----------------------------
 
 def exported_file(tmp_path, hidden_size=32, n=N, export=True):
-    model = PTuningModel(tiny_llama(hidden_size), PTuningConfig(n, 16, "lstm"))
+    model = PTuningModel(short_llama(seed=0, hidden_size=hidden_size), PTuningConfig(n, 16, "lstm"))
     if export:
         model.export_prompt()
     return model.save(tmp_path / f"prompt-{hidden_size}-{n}.safetensors")
@@ -76,7 +64,7 @@ def exported_file(tmp_path, hidden_size=32, n=N, export=True):
 @pytest.mark.parametrize("hidden_size, n, export", [(48, N, True), (32, N + 1, True), (48, N, False)])
 def test_p_tuning_load_of_a_prompt_for_another_model_changes_nothing(tmp_path, hidden_size, n, export):
     path = exported_file(tmp_path, hidden_size, n, export)
-    model = PTuningModel(tiny_llama(32), PTuningConfig(N, 16, "lstm")).train()
+    model = PTuningModel(short_llama(seed=0, hidden_size=32), PTuningConfig(N, 16, "lstm")).train()
     encoder, before = model.prompt_encoder, snapshot(model)
     with pytest.raises(ValueError, match=r"prompt-.*safetensors does not fit.*wrong shapes.*prompt_encoder"):
         model.load(path)
@@ -87,7 +75,7 @@ def test_p_tuning_load_of_a_prompt_for_another_model_changes_nothing(tmp_path, h
 @pytest.mark.parametrize("step", ["export", "copy"])
 def test_p_tuning_load_rolls_back_a_failure_at_each_step(tmp_path, monkeypatch, step):
     path = exported_file(tmp_path)
-    model = PTuningModel(tiny_llama(32), PTuningConfig(N, 16, "lstm")).train()
+    model = PTuningModel(short_llama(seed=0, hidden_size=32), PTuningConfig(N, 16, "lstm")).train()
     encoder, before = model.prompt_encoder, snapshot(model)
 
     def fail(*args, **kwargs):
@@ -111,7 +99,7 @@ def test_p_tuning_load_rolls_back_a_failure_at_each_step(tmp_path, monkeypatch, 
 @pytest.mark.parametrize("kwargs", [dict(num_virtual_tokens=0), dict(num_virtual_tokens=-2),
                                     dict(num_virtual_tokens=2.5), dict(encoder_hidden_size=0)])
 def test_prefix_tuning_bad_arguments_leave_the_model_trainable(kwargs):
-    llama = tiny_llama()
+    llama = short_llama(seed=0)
     before = snapshot(llama)
     with pytest.raises(ValueError, match="positive integer"):
         PrefixTuningModel(llama, **kwargs)
@@ -120,7 +108,7 @@ def test_prefix_tuning_bad_arguments_leave_the_model_trainable(kwargs):
 
 
 def test_from_prefix_of_the_wrong_shape_leaves_the_model_trainable():
-    llama = tiny_llama()
+    llama = short_llama(seed=0)
     before = snapshot(llama)
     with pytest.raises(ValueError, match=r"\(2, 2, 2, 3, 8\)"):
         PrefixTuningModel.from_prefix(llama, torch.zeros(2, 2, 4, 3, 8))
@@ -140,7 +128,7 @@ def test_from_prefix_of_the_wrong_shape_leaves_the_model_trainable():
     (dict(prompt_encoder=SoftPrompt(N, 16)), ValueError, "token_dim=16"),
 ])
 def test_prompt_tuning_bad_arguments_leave_the_model_trainable(kwargs, error, match):
-    bert = tiny_bert()
+    bert = short_bert()
     before = snapshot(bert)
     with pytest.raises(error, match=match):
         PromptTuningModel(bert, **{"num_virtual_tokens": N, **kwargs})
@@ -157,7 +145,7 @@ def test_prompt_tuning_bad_arguments_leave_the_model_trainable(kwargs, error, ma
     (PTuningConfig(num_layers=0), "num_layers must be a positive integer"),
 ])
 def test_p_tuning_bad_config_leaves_the_model_trainable(config, match):
-    llama = tiny_llama()
+    llama = short_llama(seed=0)
     before = snapshot(llama)
     with pytest.raises(ValueError, match=match):
         PTuningModel(llama, config)
@@ -167,7 +155,7 @@ def test_p_tuning_bad_config_leaves_the_model_trainable(config, match):
 # --- (7) prefix-tuning: caller position ids are shifted by the prefix length -------------
 
 def test_caller_position_ids_give_the_default_paths_logits_and_peft_agrees():
-    llama = tiny_llama()
+    llama = short_llama(seed=0)
     ours = PrefixTuningModel(copy.deepcopy(llama), num_virtual_tokens=N, projection=False).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -199,7 +187,7 @@ def test_caller_position_ids_give_the_default_paths_logits_and_peft_agrees():
 # --- (8) prompt-tuning generate with several sequences per input -------------------------
 
 def test_prompt_tuning_generates_several_sampled_sequences_per_input():
-    model = PromptTuningModel(tiny_llama(), num_virtual_tokens=N)
+    model = PromptTuningModel(short_llama(seed=0), num_virtual_tokens=N)
     input_ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(2))
     out = model.generate(input_ids, do_sample=True, num_return_sequences=2, max_new_tokens=3, pad_token_id=0)
     assert out.shape == (4, 8)

@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification
 
 from peftkit.lora import (
     LoRALinear,
@@ -334,9 +333,7 @@ def test_load_adapter_that_does_not_fit_leaves_model_unchanged(tmp_path, other, 
 
 def test_load_adapter_into_a_model_it_cannot_fit_undoes_the_injection(tmp_path):
     path = save_adapter(add_lora(tiny_bert(), ["query"], rank=4), tmp_path / "a.safetensors")
-    config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, num_labels=3)
-    other = BertForSequenceClassification(config)
+    other = tiny_bert(seed=None, hidden_size=16, eval_mode=False)
     names = [n for n, _ in other.named_parameters()]
     with pytest.raises(ValueError, match="wrong shapes"):
         load_adapter(other, path)

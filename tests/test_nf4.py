@@ -27,7 +27,6 @@ import pytest
 import torch
 from bitsandbytes.backends.default import ops as bnb_default
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftkit.nf4 import (
     DYNAMIC_CODE,
@@ -43,6 +42,8 @@ from peftkit.nf4 import (
     unpack_nibbles,
 )
 from peftkit.train import count_parameters
+
+from tiny import wide_llama  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -293,18 +294,11 @@ def test_backward_does_not_keep_the_float_weight():
     assert torch.allclose(x.grad, torch.ones(4, 32) @ w)
 
 
-def tiny_llama(dtype=torch.float32):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).to(dtype).eval()
-
-
 IDS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
 def test_count_parameters_counts_4bit_weights_in_the_total():
-    model = tiny_llama()
+    model = wide_llama()
     before = count_parameters(model, show=False)
     quantize_model(model)
     after = count_parameters(model, show=False)
@@ -314,7 +308,7 @@ def test_count_parameters_counts_4bit_weights_in_the_total():
 
 
 def test_quantize_model_replaces_linears_but_the_head():
-    model, reference = tiny_llama(), tiny_llama()
+    model, reference = wide_llama(), wide_llama()
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     assert quantize_model(model) is model
     kinds = {n: type(model.get_submodule(n)) for n in linears}
@@ -332,7 +326,7 @@ def test_quantize_model_replaces_linears_but_the_head():
 
 
 def test_quantize_model_options_and_refusals():
-    model = quantize_model(tiny_llama(), skip=("lm_head", "mlp"), double_quant=False, blocksize=32)
+    model = quantize_model(wide_llama(), skip=("lm_head", "mlp"), double_quant=False, blocksize=32)
     assert isinstance(model.model.layers[0].mlp.up_proj, nn.Linear)
     q_proj = model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, NF4Linear) and q_proj.weight.blocksize == 32 and not q_proj.weight.double_quant
@@ -342,11 +336,11 @@ def test_quantize_model_options_and_refusals():
         quantize_model(nn.Sequential(nn.Linear(4, 4)), skip=("0",))
     from peftkit.lora import add_lora
     with pytest.raises(ValueError, match="quantize first"):
-        quantize_model(add_lora(tiny_llama(), ["q_proj"]))
+        quantize_model(add_lora(wide_llama(), ["q_proj"]))
 
 
 def test_moving_and_casting_a_quantized_model():
-    model = quantize_model(tiny_llama())
+    model = quantize_model(wide_llama())
     layer = model.model.layers[0].self_attn.q_proj
     packed = layer.weight.packed
     model.to(torch.bfloat16)  # a dtype cast leaves the codes and scales alone

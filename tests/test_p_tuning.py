@@ -5,27 +5,15 @@ import warnings
 
 import pytest
 import torch
-import transformers
 from peft import PromptEncoderConfig, TaskType, get_peft_model
 
 from peftkit.io import load_tensors
 from peftkit.p_tuning import PromptEncoder, PTuningConfig, PTuningModel
 from peftkit.prompt_tuning import PromptTuningModel, SoftPrompt
 
+from tiny import short_bert, short_llama  # noqa: E402
+
 N, HIDDEN = 4, 16  # virtual tokens, encoder hidden size
-
-
-def tiny_bert():
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=32, num_labels=3)
-    return transformers.BertForSequenceClassification(config).eval()
-
-
-def tiny_llama():
-    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32,
-                                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def peft_and_ours(model, task_type, kind, num_layers=2, dropout=0.0):
@@ -54,7 +42,7 @@ def batch(seq_len=7):
 
 @pytest.mark.parametrize("kind,num_layers", [("lstm", 2), ("lstm", 1), ("mlp", 2)])
 def test_prompt_and_logits_match_peft(kind, num_layers):
-    peft_model, ours = peft_and_ours(tiny_llama(), TaskType.CAUSAL_LM, kind, num_layers)
+    peft_model, ours = peft_and_ours(short_llama(), TaskType.CAUSAL_LM, kind, num_layers)
     expected_prompt = peft_model.prompt_encoder.default(torch.arange(N)[None])[0]  # (N, D)
     torch.testing.assert_close(ours.prompt_encoder(), expected_prompt, rtol=0, atol=0)
     input_ids, attention_mask = batch()
@@ -70,7 +58,7 @@ def test_prompt_and_logits_match_peft(kind, num_layers):
 
 
 def test_bert_classifier_matches_peft():
-    peft_model, ours = peft_and_ours(tiny_bert(), TaskType.SEQ_CLS, "lstm")
+    peft_model, ours = peft_and_ours(short_bert(), TaskType.SEQ_CLS, "lstm")
     input_ids, attention_mask = batch()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -83,13 +71,13 @@ def test_mlp_layers_and_default_hidden_size():
     encoder = PromptEncoder(N, 32, HIDDEN, kind="mlp", num_layers=3)
     linears = [m for m in encoder.mlp_head if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(32, 16), (16, 16), (16, 16), (16, 32)]
-    model = PTuningModel(tiny_llama(), PTuningConfig(num_virtual_tokens=N, kind="lstm"))
+    model = PTuningModel(short_llama(), PTuningConfig(num_virtual_tokens=N, kind="lstm"))
     assert model.prompt_encoder.lstm_head.hidden_size == 32  # peft's default: the model's embedding size
 
 
 @pytest.mark.parametrize("kind", ["lstm", "mlp"])
 def test_gradients_reach_only_the_encoder(kind):
-    model = PTuningModel(tiny_llama(), PTuningConfig(N, HIDDEN, kind))
+    model = PTuningModel(short_llama(), PTuningConfig(N, HIDDEN, kind))
     input_ids, attention_mask = batch()
     model(input_ids, attention_mask, labels=input_ids).loss.backward()
     for name, p in model.named_parameters():
@@ -100,7 +88,7 @@ def test_gradients_reach_only_the_encoder(kind):
 
 
 def test_export_keeps_only_the_prompt_as_peft_saves_it(tmp_path):
-    peft_model, ours = peft_and_ours(tiny_llama(), TaskType.CAUSAL_LM, "lstm", dropout=0.5)
+    peft_model, ours = peft_and_ours(short_llama(), TaskType.CAUSAL_LM, "lstm", dropout=0.5)
     input_ids, attention_mask = batch()
     before = ours(input_ids, attention_mask).logits
     prompt = ours.train().export_prompt()  # export must run the encoder without dropout even in training mode
@@ -114,7 +102,7 @@ def test_export_keeps_only_the_prompt_as_peft_saves_it(tmp_path):
     path = ours.save(tmp_path / "prompt.safetensors")
     tensors, config = load_tensors(path)
     assert list(tensors) == ["prompt_encoder.embedding.weight"] and config["exported"] is True
-    fresh = PTuningModel(tiny_llama(), PTuningConfig(N, HIDDEN, "lstm", dropout=0.5))
+    fresh = PTuningModel(short_llama(), PTuningConfig(N, HIDDEN, "lstm", dropout=0.5))
     fresh.base_model.load_state_dict(ours.base_model.state_dict())
     fresh.load(path)  # turns the fresh encoder into its exported form, then loads
     assert fresh.exported
@@ -122,7 +110,7 @@ def test_export_keeps_only_the_prompt_as_peft_saves_it(tmp_path):
 
 
 def test_save_and_load_before_export_are_exact(tmp_path):
-    llama = tiny_llama()
+    llama = short_llama()
     model = PTuningModel(copy.deepcopy(llama), PTuningConfig(N, HIDDEN, "mlp"))
     path = model.save(tmp_path / "encoder.safetensors")
     tensors, config = load_tensors(path)
@@ -148,8 +136,8 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
         PromptEncoder(N, 32, HIDDEN, kind="lstm", dropout=1.0)
     with pytest.raises(TypeError, match="PTuningConfig"):
-        PTuningModel(tiny_llama(), {"num_virtual_tokens": N})
+        PTuningModel(short_llama(), {"num_virtual_tokens": N})
     with pytest.raises(ValueError, match="max_position_embeddings=32"):
-        PTuningModel(tiny_llama(), PTuningConfig(num_virtual_tokens=40))
+        PTuningModel(short_llama(), PTuningConfig(num_virtual_tokens=40))
     with pytest.raises(ValueError, match="token_dim=64.*32"):
-        PromptTuningModel(tiny_llama(), prompt_encoder=PromptEncoder(N, 64, HIDDEN))
+        PromptTuningModel(short_llama(), prompt_encoder=PromptEncoder(N, 64, HIDDEN))

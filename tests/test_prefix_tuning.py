@@ -20,8 +20,9 @@ from peftkit.io import load_tensors
 from peftkit.prefix_tuning import SUPPORTED_MODEL_TYPES, PrefixEncoder, PrefixTuningModel
 from peftkit.train import generate as generate_text
 
+from tiny import VOCAB_SIZE, tiny_bert, tiny_llama  # noqa: E402
+
 P = 4  # prefix length used throughout
-TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,8 +41,7 @@ def tiny_lm(family="llama", seed=0):
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     }[family]
-    torch.manual_seed(seed)
-    return model_class(config_class(**TINY, num_key_value_heads=2)).eval()
+    return tiny_llama(seed, config_class=config_class, model_class=model_class, max_position_embeddings=None)
 
 
 def peft_prefix(model, **kwargs):
@@ -58,7 +58,7 @@ def peft_logits(peft_model, **inputs):
 
 
 def ids(batch=2, length=6, seed=1):
-    return torch.randint(0, TINY["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, VOCAB_SIZE, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def greedy_by_forward(logits_fn, input_ids, steps):
@@ -282,7 +282,7 @@ def test_the_file_works_alone_with_torch_only():
     alone = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(alone)  # outside the package: the relative import of io fails quietly
     wrapped = alone.PrefixTuningModel(tiny_lm(), num_virtual_tokens=P, projection=False)
-    assert wrapped(input_ids=ids()).logits.shape == (2, 6, TINY["vocab_size"])
+    assert wrapped(input_ids=ids()).logits.shape == (2, 6, VOCAB_SIZE)
     with pytest.raises(ImportError, match="peftkit.io"):
         wrapped.save("unused.safetensors")
 
@@ -296,7 +296,7 @@ def test_prefix_length_must_be_a_positive_integer(bad):
 
 
 def test_unsupported_models_are_refused_with_the_supported_families():
-    bert = transformers.BertForSequenceClassification(transformers.BertConfig(**TINY))
+    bert = tiny_bert(seed=None, num_labels=None, eval_mode=False)
     with pytest.raises(ValueError, match=r"llama.*'bert'.*BERT"):
         PrefixTuningModel(bert)
     with pytest.raises(ValueError, match="decoder-only"):

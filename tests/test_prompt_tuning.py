@@ -11,20 +11,9 @@ from peft import PromptTuningConfig, TaskType, get_peft_model
 from peftkit.io import load_tensors
 from peftkit.prompt_tuning import PromptTuningModel, SoftPrompt
 
+from tiny import short_bert, short_llama  # noqa: E402
+
 N = 5  # virtual tokens
-
-
-def tiny_bert(num_labels=3):
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=32, num_labels=num_labels)
-    return transformers.BertForSequenceClassification(config).eval()
-
-
-def tiny_llama():
-    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32,
-                                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def peft_prompt_model(model, task_type, **kwargs):
@@ -49,7 +38,7 @@ def batch(seq_len=7):
 
 
 def test_bert_classifier_matches_peft():
-    bert = tiny_bert()
+    bert = short_bert()
     peft_model = peft_prompt_model(bert, TaskType.SEQ_CLS)
     ours = ours_with_peft_prompt(bert, peft_model)
     input_ids, attention_mask = batch()
@@ -71,7 +60,7 @@ def test_bert_classifier_matches_peft():
 
 
 def test_llama_matches_peft():
-    llama = tiny_llama()
+    llama = short_llama()
     peft_model = peft_prompt_model(llama, TaskType.CAUSAL_LM)
     ours = ours_with_peft_prompt(llama, peft_model)
     input_ids, attention_mask = batch()
@@ -93,7 +82,7 @@ def capture_model_kwargs(wrapper):
 
 
 def test_mask_labels_and_segments_are_padded_for_the_prompt():
-    llama = PromptTuningModel(tiny_llama(), num_virtual_tokens=N)
+    llama = PromptTuningModel(short_llama(), num_virtual_tokens=N)
     seen = capture_model_kwargs(llama)
     input_ids, attention_mask = batch()
     labels = input_ids.clone()
@@ -108,7 +97,7 @@ def test_mask_labels_and_segments_are_padded_for_the_prompt():
     llama(input_ids)
     torch.testing.assert_close(seen["attention_mask"], torch.ones(2, N + 7, dtype=torch.long))
 
-    bert = PromptTuningModel(tiny_bert(), num_virtual_tokens=N)
+    bert = PromptTuningModel(short_bert(), num_virtual_tokens=N)
     seen = capture_model_kwargs(bert)
     token_type_ids = torch.ones_like(input_ids)
     class_labels = torch.tensor([1, 0])
@@ -118,9 +107,8 @@ def test_mask_labels_and_segments_are_padded_for_the_prompt():
                                                                   token_type_ids], dim=1))
 
     # a token tagger has one label per token too: the prompt positions get -100
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=32, num_labels=4)
-    tagger = PromptTuningModel(transformers.BertForTokenClassification(config), num_virtual_tokens=N)
+    tagger = PromptTuningModel(short_bert(model_class=transformers.BertForTokenClassification, num_hidden_layers=1,
+                                          num_labels=4, eval_mode=False), num_virtual_tokens=N)
     seen = capture_model_kwargs(tagger)
     tags = torch.randint(0, 4, input_ids.shape)
     assert tagger(input_ids, attention_mask, labels=tags).logits.shape == (2, N + 7, 4)
@@ -136,7 +124,7 @@ def greedy_without_cache(wrapper, input_ids, steps):
 
 
 def test_generate_with_prompt():
-    llama = tiny_llama()
+    llama = short_llama()
     peft_model = peft_prompt_model(llama, TaskType.CAUSAL_LM)
     ours = ours_with_peft_prompt(llama, peft_model)
     input_ids = torch.randint(3, 100, (2, 6))
@@ -161,7 +149,7 @@ def test_generate_with_prompt():
 
 
 def test_inits_match_peft_and_the_vocabulary(tmp_path):
-    bert = tiny_bert()
+    bert = short_bert()
     table = bert.get_input_embeddings().weight
     for init, peft_init in [("random", "RANDOM"), ("vocab", "SAMPLE_VOCAB")]:
         torch.manual_seed(1)
@@ -194,7 +182,7 @@ def test_inits_match_peft_and_the_vocabulary(tmp_path):
 
 @pytest.mark.parametrize("modules_to_save", [None, []])
 def test_gradients_reach_only_the_prompt_and_head(modules_to_save):
-    model = PromptTuningModel(tiny_bert(), num_virtual_tokens=N, modules_to_save=modules_to_save)
+    model = PromptTuningModel(short_bert(), num_virtual_tokens=N, modules_to_save=modules_to_save)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     input_ids, attention_mask = batch()
@@ -208,7 +196,7 @@ def test_gradients_reach_only_the_prompt_and_head(modules_to_save):
 
 
 def test_save_and_load_are_exact(tmp_path):
-    bert = tiny_bert()
+    bert = short_bert()
     model = PromptTuningModel(copy.deepcopy(bert), num_virtual_tokens=N, init="vocab")
     with torch.no_grad():
         for p in model.prompt_state_dict().values():
@@ -231,7 +219,7 @@ def test_save_and_load_are_exact(tmp_path):
 
 
 def test_bad_inputs_get_clear_errors():
-    bert, llama = tiny_bert(), tiny_llama()
+    bert, llama = short_bert(), short_llama()
     with pytest.raises(ValueError, match="max_position_embeddings=32"):
         PromptTuningModel(bert, num_virtual_tokens=32)
     model = PromptTuningModel(bert, num_virtual_tokens=30)

@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftkit.lora import LoRALinear, add_lora, load_adapter, save_adapter
 from peftkit.nf4 import NF4Linear, NF4Tensor, quantize_nf4
@@ -21,19 +20,14 @@ from peftkit.qlora import (
     requantized_update_error,
 )
 
+from tiny import tiny_llama, wide_llama  # noqa: E402
+
 torch.set_num_threads(1)
 IDS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
-def tiny_llama(dtype=torch.float32):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).to(dtype)
-
-
 def qlora_llama(**prepare):
-    model = prepare_for_qlora(tiny_llama(), **prepare)
+    model = prepare_for_qlora(wide_llama(eval_mode=False), **prepare)
     torch.manual_seed(1)
     return add_lora(model, "all-linear", rank=4, alpha=8)
 
@@ -96,7 +90,7 @@ def twins(double_quant: bool):
 
 
 def test_prepare_for_qlora_quantizes_freezes_and_keeps_norms_in_float32():
-    model = prepare_for_qlora(tiny_llama(torch.bfloat16))
+    model = prepare_for_qlora(wide_llama(dtype=torch.bfloat16, eval_mode=False))
     layer = model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, NF4Linear) and isinstance(layer.mlp.down_proj, NF4Linear)
     assert isinstance(model.lm_head, nn.Linear)
@@ -174,7 +168,7 @@ def test_merge_into_4bit_matches_peft_merge(double_quant):
 
 
 def test_a_4bit_merge_loses_a_small_update_and_a_float_merge_keeps_it():
-    float_model = tiny_llama()
+    float_model = wide_llama(eval_mode=False)
     model = qlora_llama()
     layer = model.model.layers[0].self_attn.q_proj
     with pytest.raises(TypeError, match="peftkit.qlora"):
@@ -203,10 +197,9 @@ def test_a_4bit_merge_loses_a_small_update_and_a_float_merge_keeps_it():
 
 def test_merge_refusals():
     with pytest.raises(ValueError, match="no LoRA layer over an NF4Linear"):
-        merge_into_4bit(tiny_llama())
+        merge_into_4bit(wide_llama(eval_mode=False))
     model = qlora_llama()
-    wrong = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    wrong = tiny_llama(seed=None, eval_mode=False, max_position_embeddings=None)  # 32 wide, not 64
     with pytest.raises(ValueError, match="no nn.Linear of the right shape"):
         merge_into_float(model, wrong)
     with pytest.raises(ValueError, match="no nn.Linear of the right shape"):
@@ -222,7 +215,7 @@ def test_qlora_adapter_saves_only_lora_and_loads_back(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
     assert len(keys) == 28 and all(".lora_A." in k or ".lora_B." in k for k in keys)
-    restored = prepare_for_qlora(tiny_llama())  # the same seed gives the same 4-bit base
+    restored = prepare_for_qlora(wide_llama(eval_mode=False))  # the same seed gives the same 4-bit base
     load_adapter(restored, path)
     with torch.no_grad():
         assert torch.equal(restored(input_ids=IDS).logits, model(input_ids=IDS).logits)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from torch import nn
 
 from peftkit import recipes, train
@@ -18,17 +17,14 @@ from peftkit.models import BertForMeanPooledClassification, load_encoder
 from peftkit.prompt_tuning import PromptTuningModel
 from peftkit.train import evaluate, fit
 
+from tiny import short_bert  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(num_labels=3):
-    return transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   intermediate_size=64, max_position_embeddings=32, num_labels=num_labels)
 
 
 @pytest.fixture
 def tiny():
-    return BertForMeanPooledClassification(tiny_config()).eval()
+    return short_bert(model_class=BertForMeanPooledClassification)
 
 
 # --- mean pooling ---------------------------------------------------------------------------
