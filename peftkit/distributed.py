@@ -48,7 +48,7 @@ def device() -> torch.device:
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def on_main(fn, *args, **kwargs):

@@ -103,12 +103,16 @@ class LoRALinear(nn.Module):
             raise TypeError("cannot merge LoRA into a 4-bit base: W + delta W would be re-quantized to 4 bits, "
                             "which rounds most of the small update away; to merge a QLoRA adapter, see peftkit.qlora")
 
+    def merged_weight(self) -> torch.Tensor:
+        """W + delta W in W's dtype, shape (out, in): what ``merge()`` writes into ``base.weight``."""
+        return (self.base.weight + self.delta_weight()).to(self.base.weight.dtype)
+
     def merge(self) -> None:
         """Fold delta W into ``base.weight`` (a no-op when already merged)."""
         self._check_mergeable()
         if not self.merged:
             with torch.no_grad():
-                self.base.weight += self.delta_weight()
+                self.base.weight.copy_(self.merged_weight())
             self.merged = True
 
     def unmerge(self) -> None:
@@ -230,13 +234,13 @@ def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
     for _, layer in layers:
         layer._check_mergeable()  # all or nothing: refuse before any weight changes
     with torch.no_grad():  # first every merged weight, the model untouched (one extra copy of those weights)
-        merged = {name: (layer.base.weight + layer.delta_weight()).to(layer.base.weight.dtype)
-                  for name, layer in layers if not layer.merged}
-    for name, layer in layers:  # then swap them in: nothing left that can fail halfway
-        if name in merged:
-            layer.base.weight.data, layer.merged = merged[name], True
-        if unload:
-            model.set_submodule(name, layer.base)
+        merged = {name: layer.merged_weight() for name, layer in layers if not layer.merged}
+        for name, layer in layers:  # then copy them in: nothing left that can fail halfway
+            if name in merged:
+                layer.base.weight.copy_(merged[name])
+                layer.merged = True
+            if unload:
+                model.set_submodule(name, layer.base)
     if unload and "lora_config" in vars(model):
         del model.lora_config
     return model

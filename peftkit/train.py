@@ -3,8 +3,8 @@
 ``fit``: AdamW with weight decay, linear warm-up then linear decay, gradient clipping, a tqdm
 progress bar, training loss per step, validation loss and accuracy per epoch, the new head in its
 own parameter group, the best epoch's weights kept (with ``patience``, stopping early once validation
-has stopped improving; the course's recipes train their whole schedule), and a clear stop if the loss becomes NaN or infinite. Any model whose forward returns
-``.loss`` works. Under ``torch.distributed`` (launched with ``torchrun`` or ``accelerate launch``,
+has stopped improving; the course's recipes train their whole schedule), and a clear stop if the loss
+becomes NaN or infinite. Any model whose forward returns ``.loss`` works. Under ``torch.distributed`` (launched with ``torchrun`` or ``accelerate launch``,
 see ``peftkit.distributed``) the same loop trains data-parallel with DDP.
 """
 
@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm  # plain text bar: no widget state in committed notebooks
 
+from .distributed import rank as current_rank
 from .prompt_tuning import HEAD_NAMES  # the new heads of HF classifiers (peft's modules_to_save)
 
 
@@ -125,7 +126,7 @@ def fit(model, train_data, collate, val_data=None, *, epochs: int = 3, batch_siz
     if val_data is not None and len(val_data) == 0:
         raise ValueError("val_data is empty: pass None to train without validation")
     distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if distributed else 0
+    rank = current_rank()
     seed_everything(seed + rank)  # each rank its own dropout masks
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
