@@ -19,6 +19,7 @@ The semantics are bitsandbytes' reference ones (``bitsandbytes/backends/default/
 v0.50.2): codes, scales and dequantized values agree bit for bit.
 """
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -126,9 +127,11 @@ def _quantize_blockwise(flat: torch.Tensor, midpoints: torch.Tensor, blocksize: 
     return torch.bucketize(scaled, midpoints.to(flat.device), out_int32=True), absmax
 
 
-# Entry b holds the two float32 values of byte b (high nibble first), read as one int64 so that
-# one lookup copies both values at once.
+# The lookup in dequantize(): entry b holds the two float32 values of byte b (high nibble first),
+# read as one int64, so that one gathered element copies both values. 256 entries, 2 KiB: it stays
+# in the fastest cache even between the big matmuls of a training step.
 BYTE_TO_PAIR = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], 1).view(torch.int64).view(256)
+GATHER_ROW = 64  # bytes per row of the gather: torch spreads the rows over its threads
 
 
 @dataclass(repr=False)
@@ -159,21 +162,38 @@ class NF4Tensor:
         """The float32 scale of every block (dequantizing the 8-bit ones first)."""
         if not self.double_quant:
             return self.absmax
-        table = DYNAMIC_CODE.to(self.device)
-        scaled = dequantize_blockwise_readable(self.absmax_codes, self.absmax_scale, table,
-                                               ABSMAX_BLOCKSIZE, (-1,), torch.float32)
-        return scaled + self.absmax_offset
+        m, b = self.absmax_codes.numel(), ABSMAX_BLOCKSIZE
+        values = DYNAMIC_CODE.to(self.device)[self.absmax_codes.long()]  # (num_blocks,)
+        full = m - m % b
+        values[:full].view(-1, b).mul_(self.absmax_scale[: full // b, None])
+        if full < m:
+            values[full:].mul_(self.absmax_scale[-1])
+        return values.add_(self.absmax_offset)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """NF4_CODE[code] * absmax in float32, cast to ``dtype`` (default: the original dtype)."""
-        dtype, n, b = dtype or self.dtype, self.numel(), self.blocksize
-        pairs = BYTE_TO_PAIR.to(self.device).index_select(0, self.packed.int())  # (ceil(n/2),)
-        values = pairs.view(torch.float32)  # (2 * ceil(n/2),) the codes' values, in order
+    def dequantize(self, dtype: torch.dtype | None = None, reuse: bool = False) -> torch.Tensor:
+        """NF4_CODE[code] * absmax in float32, cast to ``dtype`` (default: the original dtype).
+
+        ``reuse=True`` writes the result into a buffer shared by every call on this thread
+        (``scratch``): nothing is allocated, and the result is valid only until the next such call.
+        """
+        dtype, n, b, size = dtype or self.dtype, self.numel(), self.blocksize, self.packed.numel()
+        rows = -(-size // GATHER_ROW)
+        index = scratch("index", rows * GATHER_ROW, torch.int64, self.device)  # gather wants int64
+        index[size:] = 0
+        index[:size].copy_(self.packed)
+        table = BYTE_TO_PAIR.to(self.device).expand(rows, -1)  # (rows, 256), no copy
+        values = scratch("values", rows * GATHER_ROW, torch.int64, self.device) if reuse else \
+            torch.empty(rows * GATHER_ROW, dtype=torch.int64, device=self.device)
+        values = torch.gather(table, 1, index.view(rows, -1), out=values.view(rows, -1))  # (rows, GATHER_ROW)
+        values = values.view(-1).view(torch.float32)[:n]  # (n,) the codes' values, in order
         absmax, full = self.block_absmax(), n - n % b
         values[:full].view(-1, b).mul_(absmax[: full // b, None])  # float32, as bitsandbytes computes
         if full < n:
-            values[full:n].mul_(absmax[-1])
-        return values[:n].view(self.shape).to(dtype)
+            values[full:].mul_(absmax[-1])
+        values = values.view(self.shape)
+        if dtype == torch.float32:
+            return values
+        return scratch("cast", n, dtype, self.device).view(self.shape).copy_(values) if reuse else values.to(dtype)
 
     def is_floating_point(self) -> bool:
         """False, as for bitsandbytes' 4-bit weights: the values are stored as 4-bit codes."""
@@ -234,18 +254,31 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     return result
 
 
+_SCRATCH: dict = {}  # (name, dtype, device, thread) -> a flat buffer, grown to the largest layer seen
+
+
+def scratch(name: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A reusable (numel,) buffer. A freshly allocated multi-MiB tensor costs page faults on every
+    call (the allocator hands big blocks back to the OS); one buffer per layer size avoids that."""
+    key = (name, dtype, torch.device(device), threading.get_ident())
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
+
+
 class _NF4Matmul(torch.autograd.Function):
     """x W^T + b with W rebuilt from 4 bits in forward and again in backward, never saved."""
 
     @staticmethod
     def forward(ctx, x, weight: NF4Tensor, bias):
         ctx.weight = weight
-        return F.linear(x, weight.dequantize(x.dtype), bias)
+        return F.linear(x, weight.dequantize(x.dtype, reuse=True), bias)  # W is not kept
 
     @staticmethod
     def backward(ctx, grad_out):
         need_x = ctx.needs_input_grad[0]  # not for the first layer: rebuild W only when needed
-        grad_x = grad_out @ ctx.weight.dequantize(grad_out.dtype) if need_x else None  # (..., out) @ (out, in)
+        grad_x = grad_out @ ctx.weight.dequantize(grad_out.dtype, reuse=True) if need_x else None  # (..., out) @ (out, in)
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias
 
