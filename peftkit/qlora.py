@@ -64,7 +64,10 @@ def prepare_for_qlora(model: nn.Module, skip=("lm_head", "classifier"), double_q
                 param.data = param.data.float()
         if gradient_checkpointing:
             # Non-reentrant checkpointing: gradients reach LoRA even though the inputs need none.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+                model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if config is not None:
                 config.use_cache = False  # a cache is useless in training and clashes with checkpointing
     except BaseException:
@@ -72,7 +75,7 @@ def prepare_for_qlora(model: nn.Module, skip=("lm_head", "classifier"), double_q
         for param, data, requires_grad in params:
             param.data, param.requires_grad = data, requires_grad
         if gradient_checkpointing and not checkpointing:
-            model.gradient_checkpointing_disable()
+            getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
         if use_cache is not None:
             config.use_cache = use_cache
         raise

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm  # plain text bar: no widget state in committed notebooks
 
 from .distributed import rank as current_rank
+from .prefix_tuning import PrefixTuningModel
 from .prompt_tuning import HEAD_NAMES  # the new heads of HF classifiers (peft's modules_to_save)
 
 
@@ -53,6 +54,41 @@ def count_parameters(model: torch.nn.Module, name: str = "model", show: bool = T
         print(f"{'':<24}{'trainable':>12}{'total':>14}{'%':>9}")
         print(f"{name:<24}{trainable:>12,}{total:>14,}{row['percent']:>8.3f}%")
     return row
+
+
+def enable_checkpointing(model: torch.nn.Module, use_reentrant: bool = False) -> torch.nn.Module:
+    """Activation (gradient) checkpointing for a Hugging Face model under any peftkit technique.
+
+    Each layer keeps only its input; its activations are recomputed in backward: most of the
+    activation memory for about one more forward pass of time. The trap (transformers #26221,
+    peft #1142): with the embeddings frozen, no input of a checkpointed layer requires grad, and
+    re-entrant checkpointing (``use_reentrant=True``) then gives nothing inside the layer a gradient
+    (LoRA, adapters): the loss stays flat while nothing trains. The default, non-reentrant
+    checkpointing, has no such blind spot; with ``use_reentrant=True`` the embeddings' output is
+    made to require grad (``enable_input_require_grads``; transformers 5 does this itself for
+    models that read ``input_ids``, 4.x does not), which closes it too. Prefix-tuning is
+    refused: its keys and values travel in the cache, which checkpointed layers do not use.
+    Returns ``model``; the cache is turned off (``config.use_cache``), as training needs none.
+    """
+    if not isinstance(use_reentrant, bool):
+        raise TypeError(f"use_reentrant must be True or False, got {use_reentrant!r}")
+    if isinstance(model, PrefixTuningModel):
+        raise ValueError("prefix-tuning cannot use activation checkpointing: its keys and values travel in the "
+                         "cache, which checkpointed layers do not use; train it without checkpointing")
+    hf = next((m for m in model.modules() if hasattr(m, "gradient_checkpointing_enable")), None)
+    if hf is None or not getattr(hf, "supports_gradient_checkpointing", False):
+        raise TypeError(f"activation checkpointing needs a Hugging Face model that supports it (its layers are "
+                        f"wrapped by gradient_checkpointing_enable); {type(model).__name__} holds none")
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+        hf.activation_checkpointing_enable(kwargs)
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if use_reentrant:
+        hf.enable_input_require_grads()  # a grad-requiring input for every checkpointed layer (5.x does it too)
+    if getattr(hf.config, "use_cache", None):
+        hf.config.use_cache = False
+    return model
 
 
 class TrainingDiverged(RuntimeError):

@@ -109,7 +109,7 @@ def test_prepare_for_qlora_quantizes_freezes_and_keeps_norms_in_float32():
 
 def test_gradients_reach_only_lora_with_and_without_checkpointing():
     plain, checkpointed = qlora_llama(), qlora_llama(gradient_checkpointing=True)
-    assert checkpointed.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    assert checkpointed.is_activation_checkpointing and not plain.is_activation_checkpointing
     packed = {n: m.base.weight.packed.clone() for n, m in plain.named_modules() if isinstance(m, LoRALinear)}
     grads = []
     for model in (plain, checkpointed):
