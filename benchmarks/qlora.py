@@ -18,7 +18,7 @@ compute; each variant with and without activation checkpointing (non-reentrant, 
    = the weights' exact bytes + training, the number to compare across libraries (the Python
    process and its libraries differ between them).
 
-    python benchmarks/qlora.py                              # ~6 minutes on 2 idle cores
+    python benchmarks/qlora.py --rounds 8 --json benchmarks/qlora.json   # ~6 minutes on 2 idle cores
     python benchmarks/qlora.py --rounds 1 --batch 2 --seq 16   # a quick look
 """
 
@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -129,7 +130,7 @@ def speed_table(args) -> list[str]:
               f"{'vs fp32 LoRA':>14}", "-" * 79]
     for v in VARIANTS:
         lines.append(f"{name(*v):<45}{medians[v]:>7.2f}{medians[v] / ref:>12.2f}x{medians[v] / base:>13.2f}x")
-    return lines
+    return lines, {name(*v): medians[v] for v in VARIANTS}
 
 
 def memory_kib(field: str) -> int:
@@ -177,7 +178,7 @@ def memory_table(args) -> list[str]:
                      f"{r['total']:>16.0f}{r['total'] / base:>8.2f}x{r['total'] / ref:>12.2f}x")
     lines.append("MALLOC_MMAP_THRESHOLD_=65536 (freed blocks return to the OS); vs fp32: against float32 LoRA without "
                  "checkpointing; vs bnb ckpt: against peft + bitsandbytes with checkpointing")
-    return lines
+    return lines, {name(*v): results[v] for v in VARIANTS}
 
 
 def main():
@@ -187,6 +188,7 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the results here (benchmarks/qlora.json)")
     parser.add_argument("--child", choices=LABELS, help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -205,8 +207,13 @@ def main():
     print(f"torch {torch.__version__}, peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}, "
           f"{args.threads} thread(s), CPU capability {torch.backends.cpu.get_cpu_capability()}; SmolLM2-135M, "
           f"batch {args.batch} x {args.seq}, LoRA r8 on all linears but the head, float32 compute\n")
-    print("\n".join(memory_table(args)), end="\n\n", flush=True)
-    print("\n".join(speed_table(args)))
+    memory_lines, memory = memory_table(args)
+    print("\n".join(memory_lines), end="\n\n", flush=True)
+    speed_lines, speed = speed_table(args)
+    print("\n".join(speed_lines))
+    if args.json:  # what notebook 07 plots
+        settings = {k: getattr(args, k) for k in ("threads", "rounds", "batch", "seq", "seed")}
+        args.json.write_text(json.dumps({"settings": settings, "memory_mib": memory, "step_s": speed}, indent=1) + "\n")
     print(f"\ntotal run {time.perf_counter() - began:.0f} s wall")
 
 

@@ -182,8 +182,10 @@ class NF4Tensor:
         index[size:] = 0
         index[:size].copy_(self.packed)
         table = BYTE_TO_PAIR.to(self.device).expand(rows, -1)  # (rows, 256), no copy
-        values = scratch("values", rows * GATHER_ROW, torch.int64, self.device) if reuse else \
-            torch.empty(rows * GATHER_ROW, dtype=torch.int64, device=self.device)
+        # float32 values go in a reused buffer unless they are the result (a fresh buffer costs page faults)
+        fresh = not reuse and dtype == torch.float32
+        values = torch.empty(rows * GATHER_ROW, dtype=torch.int64, device=self.device) if fresh else \
+            scratch("values", rows * GATHER_ROW, torch.int64, self.device)
         values = torch.gather(table, 1, index.view(rows, -1), out=values.view(rows, -1))  # (rows, GATHER_ROW)
         values = values.view(-1).view(torch.float32)[:n]  # (n,) the codes' values, in order
         absmax, full = self.block_absmax(), n - n % b

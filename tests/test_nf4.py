@@ -353,3 +353,16 @@ def test_moving_and_casting_a_quantized_model():
         NF4Linear(quantize_nf4(torch.randn(64)))
     with pytest.raises(TypeError, match="nn.Linear"):
         NF4Linear.from_linear(nn.Conv1d(2, 2, 1))
+
+
+def test_dequantize_into_reused_buffers_equals_fresh_and_leaves_fresh_results_alone():
+    a = quantize_nf4(torch.randn(64, 96, generator=torch.Generator().manual_seed(0)))
+    b = quantize_nf4(torch.randn(33, 7, generator=torch.Generator().manual_seed(1)), double_quant=True)  # odd sizes
+    fresh, fresh_bf16 = a.dequantize(), a.dequantize(torch.bfloat16)
+    kept = fresh.clone(), fresh_bf16.clone()
+    reused = a.dequantize(reuse=True)
+    assert torch.equal(reused, fresh) and torch.equal(a.dequantize(torch.bfloat16, reuse=True), fresh_bf16)
+    for dtype in (torch.float32, torch.bfloat16):  # other calls, through the same buffers
+        assert torch.equal(b.dequantize(dtype, reuse=True), b.dequantize(dtype))
+    assert torch.equal(fresh, kept[0]) and torch.equal(fresh_bf16, kept[1])  # results of reuse=False stay put
+    assert not torch.equal(reused[:1, :7].reshape(-1), fresh[:1, :7].reshape(-1))  # the reused one is overwritten
