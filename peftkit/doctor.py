@@ -6,7 +6,7 @@
 Each check only reads the model (the 4-bit one re-quantizes copies of at most three layers):
 
 - ``targets-partial``: LoRA wraps a layer in some blocks but not in others (a full name or
-  peft's ``layers_to_transform`` matched fewer layers than meant; peft #1024, #2155), or
+  peft's ``layers_to_transform`` matched fewer layers than meant), or
   ``expected_targets`` names a layer that no LoRA layer wraps.
 - ``head-not-trained``: a classifier's new head (``classifier``, ``score``) is frozen while
   something else trains, so it stays random (peft #310, #876, #577).
@@ -16,10 +16,9 @@ Each check only reads the model (the 4-bit one re-quantizes copies of at most th
   and then "trained" (peft #282).
 - ``checkpointing-without-input-grads``: re-entrant activation checkpointing over frozen
   embeddings with no input hook: the layers' LoRA gets no gradient (transformers #26221, peft #1142).
-- ``dropout-on-at-eval``: evaluating a model (or dropout inside it) left in training mode
-  (peft #1673, transformers #34469).
+- ``dropout-on-at-eval``: evaluating a model (or dropout inside it) left in training mode.
 - ``4bit-merge-loses-update``: merging a QLoRA adapter into its 4-bit base would round most of
-  the update away (peft #1043, #2321, transformers #31293).
+  the update away (peft #2321).
 
 All but ``trained-not-saved`` and the 4-bit check (peftkit's own saving and 4-bit layers) work on
 any torch model, peft's included.
