@@ -153,7 +153,10 @@ def test_prepare_for_qlora_rolls_back_when_gradient_checkpointing_fails(monkeypa
                 break
         raise ValueError("injected: this model does not support gradient checkpointing")
 
-    monkeypatch.setattr(model, "gradient_checkpointing_enable", unsupported)
+    # prepare_for_qlora calls transformers 5's activation_checkpointing_enable (4.x: gradient_checkpointing_enable)
+    name = "activation_checkpointing_enable" if hasattr(model, "activation_checkpointing_enable") else \
+        "gradient_checkpointing_enable"
+    monkeypatch.setattr(model, name, lambda *args, **kwargs: unsupported(**kwargs))
     with pytest.raises(ValueError, match="injected"):
         prepare_for_qlora(model, gradient_checkpointing=True)
     assert_unchanged(model, before)  # float linears back, bf16 kept, requires_grad as it was
