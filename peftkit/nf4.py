@@ -134,6 +134,15 @@ BYTE_TO_PAIR = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)]
 GATHER_ROW = 64  # bytes per row of the gather: torch spreads the rows over its threads
 
 
+def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """values (n,) *= the scale of their block, in place; a partial last block takes the last scale."""
+    full = values.numel() - values.numel() % blocksize
+    values[:full].view(-1, blocksize).mul_(scales[: full // blocksize, None])
+    if full < values.numel():
+        values[full:].mul_(scales[-1])
+    return values
+
+
 @dataclass(repr=False)
 class NF4Tensor:
     """A tensor stored as packed NF4 codes plus per-block scales (see the module docstring)."""
@@ -162,13 +171,8 @@ class NF4Tensor:
         """The float32 scale of every block (dequantizing the 8-bit ones first)."""
         if not self.double_quant:
             return self.absmax
-        m, b = self.absmax_codes.numel(), ABSMAX_BLOCKSIZE
         values = DYNAMIC_CODE.to(self.device)[self.absmax_codes.long()]  # (num_blocks,)
-        full = m - m % b
-        values[:full].view(-1, b).mul_(self.absmax_scale[: full // b, None])
-        if full < m:
-            values[full:].mul_(self.absmax_scale[-1])
-        return values.add_(self.absmax_offset)
+        return _scale_blocks(values, self.absmax_scale, ABSMAX_BLOCKSIZE).add_(self.absmax_offset)
 
     def dequantize(self, dtype: torch.dtype | None = None, reuse: bool = False) -> torch.Tensor:
         """NF4_CODE[code] * absmax in float32, cast to ``dtype`` (default: the original dtype).
@@ -188,11 +192,7 @@ class NF4Tensor:
             scratch("values", rows * GATHER_ROW, torch.int64, self.device)
         values = torch.gather(table, 1, index.view(rows, -1), out=values.view(rows, -1))  # (rows, GATHER_ROW)
         values = values.view(-1).view(torch.float32)[:n]  # (n,) the codes' values, in order
-        absmax, full = self.block_absmax(), n - n % b
-        values[:full].view(-1, b).mul_(absmax[: full // b, None])  # float32, as bitsandbytes computes
-        if full < n:
-            values[full:].mul_(absmax[-1])
-        values = values.view(self.shape)
+        values = _scale_blocks(values, self.block_absmax(), b).view(self.shape)  # float32, as bitsandbytes computes
         if dtype == torch.float32:
             return values
         return scratch("cast", n, dtype, self.device).view(self.shape).copy_(values) if reuse else values.to(dtype)
