@@ -89,6 +89,20 @@ def topic_splits(seed: int = 0, validation_size: float = 0.2) -> DatasetDict:
     return DatasetDict(train=split["train"], validation=split["test"], test=data["test"])
 
 
+def few_shot(data: Dataset, per_class: int, seed: int = 0) -> Dataset:
+    """The first ``per_class`` examples of each label after a seeded shuffle (a class with fewer
+    keeps them all), in shuffled order: a small-data version of a split, e.g. 8 per class."""
+    _positive_int("per_class", per_class)
+    shuffled = data.shuffle(seed=seed)
+    taken: dict = {}  # label -> examples kept so far
+    keep = []
+    for i, label in enumerate(shuffled["label"]):
+        if taken.get(label, 0) < per_class:
+            taken[label] = taken.get(label, 0) + 1
+            keep.append(i)
+    return shuffled.select(keep)
+
+
 # --- data-to-text -------------------------------------------------------------------------
 
 NAMES = ("The Mill", "Blue Spice", "The Punter", "Zizzi", "Aromi", "The Eagle", "Giraffe",

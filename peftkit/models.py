@@ -13,6 +13,7 @@ Nothing here ever reaches for a model hub: offline mode is set and every load is
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -63,6 +64,7 @@ def quiet() -> None:
     datasets.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "no CPU kernel package" on importing peft
 
 
 class BertForMeanPooledClassification(BertPreTrainedModel):

@@ -122,15 +122,18 @@ def classifier(seed: int = 0, num_labels: int = 8):
 
 def train(model, tokenizer, recipe: Recipe, splits=None, *, seed: int = 0, lr: float | None = None,
           head_lr: float | None = None, max_epochs: int | None = None, batch_size: int | None = None,
-          desc: str = "train", progress: bool = True, on_epoch=None, comm_hook=None) -> History:
+          desc: str = "train", progress: bool = True, on_epoch=None, comm_hook=None, **fit_options) -> History:
     """Train ``model`` (already built by ``recipe.build``) with ``recipe`` on ``splits``
     (default ``topic_splits()``); ``lr``, ``head_lr``, ``max_epochs`` and ``batch_size`` override the
-    recipe (the search, a notebook's smaller budget, or the per-rank batch under DDP)."""
+    recipe (the search, a notebook's smaller budget, or the per-rank batch under DDP); ``fit_options``
+    go to ``fit`` as they are (``weight_decay``, ``lr_scale``, ``patience``: the pitfalls notebook's
+    remedies)."""
     splits = topic_splits() if splits is None else splits
+    fit_options = {"patience": recipe.patience, **fit_options}
     return fit(model, splits["train"], recipe.collate(tokenizer), splits["validation"],
                epochs=max_epochs or recipe.max_epochs, batch_size=batch_size or recipe.batch_size,
-               lr=lr or recipe.lr, head_lr=head_lr or recipe.head_lr, patience=recipe.patience, seed=seed,
-               desc=desc, progress=progress, on_epoch=on_epoch, comm_hook=comm_hook)
+               lr=lr or recipe.lr, head_lr=head_lr or recipe.head_lr, seed=seed,
+               desc=desc, progress=progress, on_epoch=on_epoch, comm_hook=comm_hook, **fit_options)
 
 
 def run(name: str, seed: int = 0, splits=None, **overrides) -> tuple[torch.nn.Module, History]:

@@ -126,6 +126,18 @@ def _is_head(name: str) -> bool:
     return any(part in HEAD_NAMES for part in name.split("."))
 
 
+def _scales(named: list, lr_scale: dict | None) -> dict[str, float]:
+    """Each parameter's rate multiplier: the ``lr_scale`` entry of a module it sits under, else 1."""
+    lr_scale = lr_scale or {}
+    for module, factor in lr_scale.items():
+        _check_positive(**{f"lr_scale[{module!r}]": factor})
+        if not any(module in n.split(".") for n, _ in named):
+            modules = sorted({part for n, _ in named for part in n.split(".")[:-1] if not part.isdigit()})
+            raise ValueError(f"lr_scale names {module!r}, but no trainable parameter sits under a module of "
+                             f"that name; the trainable ones are under {modules}")
+    return {n: next((f for m, f in lr_scale.items() if m in n.split(".")), 1.0) for n, _ in named}
+
+
 def _check_positive(**values) -> None:
     for name, value in values.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -137,7 +149,7 @@ def fit(model, train_data, collate, val_data=None, *, epochs: int = 3, batch_siz
         lr: float = 1e-3, head_lr: float | None = None, patience: int | None = None,
         weight_decay: float = 0.01, warmup: float = 0.1, max_grad_norm: float = 1.0,
         max_steps: int | None = None, seed: int = 0, desc: str = "train", progress: bool = True,
-        on_epoch=None, comm_hook=None) -> History:
+        on_epoch=None, comm_hook=None, lr_scale: dict | None = None) -> History:
     """Train the parameters of ``model`` that have ``requires_grad``; returns the History.
 
     ``head_lr``: the learning rate of a new classifier head (parameters under a module named
@@ -146,7 +158,9 @@ def fit(model, train_data, collate, val_data=None, *, epochs: int = 3, batch_siz
     classifier; loss for a language model) and the model ends with the weights of the best
     epoch (``History.selected_epoch``). ``patience``: stop after that many epochs without a
     better validation score. ``on_epoch(epoch, model)``: called after every epoch (and its scoring),
-    e.g. to record what a diagnosis needs; it must not train.
+    e.g. to record what a diagnosis needs; it must not train. ``lr_scale``: rate multipliers by
+    module name, e.g. ``{"lora_B": 16}`` trains every parameter under a module ``lora_B`` at 16 x ``lr``
+    (LoRA+, Hayou et al. 2024: B learns faster than A).
 
     Data-parallel when a ``torch.distributed`` process group is initialised: each rank trains on its
     shard of ``train_data`` (a ``DistributedSampler``, reshuffled every epoch from ``seed``) with
@@ -169,9 +183,11 @@ def fit(model, train_data, collate, val_data=None, *, epochs: int = 3, batch_siz
         raise ValueError("the model has no trainable parameters: add a technique or unfreeze something")
     device = named[0][1].device
     head = [p for n, p in named if _is_head(n)] if head_lr is not None else []
-    body = [p for n, p in named if not (head_lr is not None and _is_head(n))]
-    groups = [g for g in ({"params": body, "lr": lr}, {"params": head, "lr": head_lr}) if g["params"]]
-    params = body + head
+    body = [(n, p) for n, p in named if not (head_lr is not None and _is_head(n))]
+    scales = _scales(body, lr_scale)  # 1.0 for all but LoRA+-style groups
+    groups = [{"params": [p for n, p in body if scales[n] == s], "lr": lr * s} for s in dict.fromkeys(scales.values())]
+    groups = [g for g in groups + [{"params": head, "lr": head_lr}] if g["params"]]
+    params = [p for _, p in body] + head
     net = model
     if distributed:  # this rank's shard; the ranks together see the same examples as one process would
         sampler = DistributedSampler(train_data, shuffle=True, seed=seed)
