@@ -20,7 +20,7 @@ scored once, at the selected epoch.
    all-linear, its rate chosen on validation (seed 0) from 1e-3, 3e-3 and 1e-2. SmolLM2's float weights are
    dequantized 4-bit values (its package ships a Q4_1 GGUF).
 
-    python benchmarks/pitfalls.py               # ~40 minutes on 2 shared CPU cores (2 jobs x 1 thread)
+    python benchmarks/pitfalls.py               # 39 minutes on 2 shared CPU cores (2 jobs x 1 thread)
     python benchmarks/pitfalls.py --reuse benchmarks/pitfalls.json   # train only what the file lacks
     python benchmarks/pitfalls.py --quick --out /tmp/pitfalls.json     # smoke test: 1 epoch, 1 seed
 """
