@@ -19,6 +19,7 @@ the input's words (e.g. "[P0..Pi] x [Pi+1..Pj] [MASK]"), and keeps some real "an
 in the template (e.g. a "?"). Here, as in peft's ``PromptEncoder``, all N vectors sit in front
 of the input and there are no anchors. Architecture and parameter names follow peft's
 ``PromptEncoder`` (``embedding``, ``lstm_head``, ``mlp_head``), so weights copy across.
+This file needs ``prompt_tuning.py`` beside it.
 """
 
 from dataclasses import asdict, dataclass

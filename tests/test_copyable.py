@@ -1,0 +1,91 @@
+"""The README's promise: each technique file, copied into another project with only the sibling files its
+docstring names, imports and runs with nothing but torch and the standard library."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Modules torch has not loaded by itself may come only from the standard library or the copied files.
+GUARD = """
+import importlib.abc, sys
+from pathlib import Path
+import torch
+here, loaded = Path.cwd(), {m.split(".")[0] for m in sys.modules}
+
+class OnlyTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        top = name.split(".")[0]
+        if top in loaded or top in sys.stdlib_module_names or (here / f"{top}.py").exists():
+            return None
+        raise ModuleNotFoundError(f"No module named {name!r} (only torch and the standard library here)")
+
+sys.meta_path.insert(0, OnlyTorch())
+sys.path.insert(0, str(here))
+torch.manual_seed(0)
+"""
+
+# file -> (the sibling files it needs, a tiny use of its core module)
+FILES = {
+    "lora": ([], """
+from lora import add_lora, merge_lora
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+x = torch.randn(3, 4)
+before = model(x)
+add_lora(model, ["0"], rank=2, alpha=4)
+assert torch.equal(model(x), before)  # B starts at zero
+merge_lora(model)
+"""),
+    "adapters": ([], """
+from adapters import BottleneckAdapter
+h = torch.randn(2, 5, 32)
+assert BottleneckAdapter(32, reduction_factor=8)(h).shape == h.shape
+"""),
+    "prompt_tuning": ([], """
+from prompt_tuning import SoftPrompt
+assert SoftPrompt(4, 16)().shape == (4, 16)
+"""),
+    "p_tuning": (["prompt_tuning"], """
+from p_tuning import PromptEncoder
+assert PromptEncoder(4, 16, 8, kind="lstm")().shape == (4, 16)
+"""),
+    "prefix_tuning": ([], """
+from prefix_tuning import PrefixEncoder
+assert PrefixEncoder(num_layers=2, num_kv_heads=2, head_dim=4, num_virtual_tokens=3)().numel() == 3 * 2 * 2 * 2 * 4
+"""),
+    "nf4": ([], """
+from nf4 import quantize_nf4
+w = torch.randn(8, 64)
+assert (quantize_nf4(w).dequantize() - w).abs().max() < 0.5
+"""),
+    "qlora": (["lora", "nf4"], """
+from lora import add_lora
+from qlora import prepare_for_qlora
+model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
+add_lora(prepare_for_qlora(model), "all-linear", rank=2, alpha=4)
+model(torch.randn(3, 64)).sum().backward()
+"""),
+}
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_a_copied_technique_file_runs_with_only_torch(name, tmp_path):
+    siblings, use = FILES[name]
+    docstring = re.match(r'\s*"""(.*?)"""', (ROOT / "peftkit" / f"{name}.py").read_text(), re.S).group(1)
+    for sibling in siblings:  # the docstring tells a reader what to copy along
+        assert f"``{sibling}.py``" in docstring, f"{name}.py's docstring should say it needs {sibling}.py"
+    for file in [name, *siblings]:
+        shutil.copy(ROOT / "peftkit" / f"{file}.py", tmp_path)
+    done = subprocess.run([sys.executable, "-I", "-c", GUARD + use], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_guard_refuses_what_is_not_torch(tmp_path):
+    done = subprocess.run([sys.executable, "-I", "-c", GUARD + "import transformers"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "only torch and the standard library" in done.stderr
