@@ -1,29 +1,26 @@
 """benchmarks/compare.py at a tiny budget: the JSON it writes has every field the comparison reads."""
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
 
+from scripts import load_benchmark  # noqa: E402
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
 
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("compare", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("compare")
 
 
 def test_importing_compare_leaves_the_environment_alone(monkeypatch):
     """Imported by the tests, compare.py once set OMP_WAIT_POLICY=PASSIVE for every process started later:
     the notebooks nbval ran after it trained about 1.5x slower."""
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    spec = importlib.util.spec_from_file_location("compare_fresh", SCRIPT)
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    load_benchmark("compare")
     assert "OMP_WAIT_POLICY" not in os.environ
 
 

@@ -1,7 +1,6 @@
 """What notebook 09 stands on: the few-shot split, LoRA+'s rate groups, the recipes' remedies passed
 through to ``fit``, and benchmarks/pitfalls.py's JSON (a quick run, and the committed file's lessons)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from peftkit.data import few_shot, topic_splits
 from peftkit.lora import add_lora
 from peftkit.train import fit
 
+from scripts import load_benchmark  # noqa: E402
 from tiny import tiny_bert  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,15 +98,8 @@ def test_recipes_train_passes_remedies_to_fit(monkeypatch):
 
 # --- benchmarks/pitfalls.py -------------------------------------------------------------------------
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("pitfalls", ROOT / "benchmarks" / "pitfalls.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_pitfalls_specs_change_one_knob_of_a_recipe():
-    specs = load_script().specs(seeds=(0,))
+    specs = load_benchmark("pitfalls").specs(seeds=(0,))
     assert {s["method"] for s in specs} <= set(recipes.RECIPES)
     assert {s["section"] for s in specs} == {"overfitting", "size", "learning rate", "model"}
     plus = [s for s in specs if s["label"] == "LoRA+"]
@@ -119,7 +112,7 @@ def committed():
 
 
 def test_committed_pitfalls_ran_every_spec_with_three_seeds(committed):
-    script = load_script()
+    script = load_benchmark("pitfalls")
     assert committed["settings"]["seeds"] == [0, 1, 2] and committed["settings"]["train"] == 64
     expected = {(s["section"], s["label"], s.get("rank"), s.get("bottleneck"), s.get("lr")) for s in script.specs()}
     recorded = {(e["section"], e["label"], e["rank"], e["bottleneck"], e["lr"]) for e in committed["summary"]
@@ -131,7 +124,7 @@ def test_committed_pitfalls_ran_every_spec_with_three_seeds(committed):
 def test_a_pitfalls_run_returns_its_row():
     spec = {"section": "learning rate", "label": "LoRA+", "method": "LoRA all-linear", "lr": 1e-3, "seed": 0,
             "fit": {"lr_scale": {"lora_B": 16}}, "curves": True, "threads": torch.get_num_threads()}
-    row = load_script().run(spec, max_epochs=1)
+    row = load_benchmark("pitfalls").run(spec, max_epochs=1)
     assert row["label"] == "LoRA+" and row["trainable"] == 334_856 and row["selected_epoch"] == 1
     assert 0 <= row["test_accuracy"] <= 1 and len(row["train_accuracy_curve"]) == len(row["test_accuracy_curve"]) == 1
     assert row["val_accuracy"] == row["val_accuracy_curve"][0]

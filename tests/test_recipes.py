@@ -2,7 +2,6 @@
 selection, and one set of recipes shared by the notebooks and benchmarks/compare.py."""
 
 import copy
-import importlib.util
 import json
 import statistics
 from pathlib import Path
@@ -17,6 +16,7 @@ from peftkit.models import BertForMeanPooledClassification, load_encoder
 from peftkit.prompt_tuning import PromptTuningModel
 from peftkit.train import evaluate, fit
 
+from scripts import load_benchmark  # noqa: E402
 from tiny import short_bert  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,15 +159,8 @@ def test_fit_refuses_an_empty_validation_set():
 
 # --- one recipe per method, everywhere ------------------------------------------------------------
 
-def load_compare():
-    spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_compare_uses_the_recipes_objects():
-    compare = load_compare()
+    compare = load_benchmark("compare")
     assert compare.RECIPES is recipes.RECIPES
 
 
@@ -191,7 +184,7 @@ def test_committed_comparison_follows_the_recipes():
     assert list(rows) == list(recipes.RECIPES)
     for name, row in rows.items():
         recipe = recipes.RECIPES[name]
-        assert row["lr"] == recipe.lr == load_compare().best_lr(row["sweep"]), name  # the recipe holds the choice
+        assert row["lr"] == recipe.lr == load_benchmark("compare").best_lr(row["sweep"]), name  # the recipe holds the choice
         assert row["head_lr"] == recipe.head_lr, name
         accs = [s["test_accuracy"] for s in row["seeds"]]
         assert [s["seed"] for s in row["seeds"]] == [0, 1, 2]
