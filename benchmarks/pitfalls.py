@@ -40,10 +40,10 @@ if __name__ == "__main__":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # why: see compare.py
 import torch  # noqa: E402
 
-from peftkit.adapters import add_adapters  # noqa: E402
 from peftkit.data import few_shot, topic_splits  # noqa: E402
 from peftkit.lora import add_lora  # noqa: E402
 from peftkit.models import CAUSAL_LM_CACHE, cache_dir, load_causal_lm, load_encoder, quiet  # noqa: E402
+from peftkit import recipes  # noqa: E402
 from peftkit.recipes import RECIPES, train  # noqa: E402
 from peftkit.train import TrainingDiverged, count_parameters, evaluate, seed_everything  # noqa: E402
 
@@ -90,13 +90,12 @@ def build(spec: dict):
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = spec["dropout"]
+    build = RECIPES[spec["method"]].build
     if "rank" in spec:
-        return add_lora(model, "all-linear", rank=spec["rank"], alpha=16, rslora=spec["rslora"],
-                        modules_to_save=["classifier"]), tokenizer
+        build = recipes.lora("all-linear", rank=spec["rank"], rslora=spec["rslora"])
     if "bottleneck" in spec:
-        return add_adapters(model, "houlsby", reduction_factor=model.config.hidden_size / spec["bottleneck"],
-                            modules_to_save=["classifier"]), tokenizer
-    return RECIPES[spec["method"]].build(model, tokenizer), tokenizer
+        build = recipes.adapters("houlsby", bottleneck=spec["bottleneck"])
+    return build(model, tokenizer), tokenizer
 
 
 def run(spec: dict, max_epochs=None) -> dict:

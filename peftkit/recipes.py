@@ -56,15 +56,20 @@ def linear_probe(model, tokenizer):
     return model
 
 
-def adapters(placement: str) -> Callable:
-    return lambda model, tokenizer: add_adapters(model, placement, modules_to_save=["classifier"])
+def adapters(placement: str, bottleneck: int | None = None) -> Callable:
+    """Adapters at their config's size (hidden / 16), or with a ``bottleneck`` of that many units."""
+    def build(model, tokenizer):
+        size = {} if bottleneck is None else {"reduction_factor": model.config.hidden_size / bottleneck}
+        return add_adapters(model, placement, modules_to_save=["classifier"], **size)
+    return build
 
 
-def lora(targets, quantize: bool = False) -> Callable:
-    """LoRA r=8, alpha=16; QLoRA: the same LoRA over an NF4 base (the head stays float)."""
+def lora(targets, quantize: bool = False, rank: int = 8, rslora: bool = False) -> Callable:
+    """LoRA r=8, alpha=16; QLoRA: the same LoRA over an NF4 base (the head stays float). ``rank`` and
+    ``rslora`` change the size at alpha 16 (the pitfalls benchmark)."""
     def build(model, tokenizer):
         model = prepare_for_qlora(model) if quantize else model
-        return add_lora(model, targets, rank=8, alpha=16, modules_to_save=["classifier"])
+        return add_lora(model, targets, rank=rank, alpha=16, rslora=rslora, modules_to_save=["classifier"])
     return build
 
 
