@@ -1,7 +1,9 @@
-"""Saving and loading the trained tensors of any technique, as one safetensors file.
+"""Adapter files: the trained tensors of any technique, as one safetensors file.
 
-The file holds only the parameters that train (``requires_grad``), plus a small JSON
-config in the safetensors metadata. Writes go to a temporary file in the same folder
+Every technique file saves and loads through the same two functions, ``save_adapter(model,
+path)`` and ``load_adapter(model, path)``, which use this module. A file holds what the
+technique trains plus its config dataclass as JSON in the safetensors metadata, tagged with
+the technique's name (``config.technique``), which every load checks. Writes go to a temporary file in the same folder
 and are renamed into place, so an interrupted save never leaves a half-written file;
 several files that belong together (a peft export) are written into a temporary folder
 that then replaces the target folder whole. Reading a truncated or foreign file raises a
@@ -14,6 +16,7 @@ import shutil
 import tempfile
 import uuid
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -74,25 +77,27 @@ def load_tensors(path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, config
 
 
-def read_adapter(path, technique: str, config_class, saver: str):
-    """(tensors, config) of a file that ``saver`` wrote for ``technique``, its config rebuilt as
-    ``config_class``; a file of another technique or with an unusable config is a ValueError."""
+def write_adapter(tensors: dict[str, torch.Tensor], path, config) -> Path:
+    """Write ``tensors`` and ``config`` (a technique's config dataclass) to ``path``, atomically;
+    the config goes into the metadata as JSON, with its technique's name under "technique"."""
+    if not tensors:
+        raise ValueError("the model has no trained tensors to save: add a technique first")
+    return save_tensors(tensors, path, {"technique": config.technique, **asdict(config)})
+
+
+def read_adapter(path, config_class) -> tuple[dict[str, torch.Tensor], object]:
+    """(tensors, config) of a file that ``write_adapter`` wrote for ``config_class.technique``,
+    the config rebuilt as ``config_class``. A file of another technique, or with a config that
+    ``config_class`` refuses, is a ValueError naming both."""
     tensors, config = load_tensors(path)
-    if config.pop("technique", None) != technique:
-        raise ValueError(f"{path} was not written by {saver} (its config is {config}); "
-                         f"use the loader of the technique that saved it")
+    technique = config.pop("technique", None)
+    if technique != config_class.technique:
+        raise ValueError(f"{path} holds a {technique or 'non-peftkit'} adapter, not {config_class.technique}: "
+                         f"load it with load_adapter from the file of the technique that saved it ({config})")
     try:
         return tensors, config_class(**config)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path} holds a {technique} config that cannot be used: {config} ({err})") from err
-
-
-def save_adapter(model: torch.nn.Module, path, config: dict | None = None) -> Path:
-    """Save only the trained tensors of ``model`` (those with ``requires_grad``)."""
-    tensors = trainable_state_dict(model)
-    if not tensors:
-        raise ValueError("the model has no trainable parameters: add a technique before saving")
-    return save_tensors(tensors, path, config)
 
 
 def copy_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], expected=None, source="the file",
@@ -129,18 +134,6 @@ def copy_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], expec
             for k, v in old.items():
                 params[k].copy_(v)
         raise
-
-
-def load_adapter(model: torch.nn.Module, path, expected=None) -> dict:
-    """Copy saved tensors into ``model``'s trainable parameters; returns the saved config.
-
-    The file must hold exactly the names in ``expected`` (default: every trainable parameter),
-    each of the model's shape: otherwise a ValueError names the missing, unexpected and
-    mis-shaped keys. On that or any other error the model is left unchanged.
-    """
-    tensors, config = load_tensors(path)
-    copy_tensors(model, tensors, expected, source=path, config=config)
-    return config
 
 
 @contextmanager
