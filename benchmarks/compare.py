@@ -52,12 +52,12 @@ if __name__ == "__main__":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
-from peftkit import io  # noqa: E402
-from peftkit.adapters import add_adapters, save_adapters  # noqa: E402
+from peftkit import adapters, lora, p_tuning, prefix_tuning, prompt_tuning  # noqa: E402
+from peftkit.adapter_files import save_tensors, trainable_state_dict  # noqa: E402
+from peftkit.adapters import add_adapters  # noqa: E402
 from peftkit.data import (CausalLMCollator, data_to_text, generation_batch, slot_error_rate,  # noqa: E402
                           topic_splits)
 from peftkit.lora import add_lora  # noqa: E402
-from peftkit.lora import save_adapter as save_lora  # noqa: E402
 from peftkit.models import ENCODER_PACKAGE, load_causal_lm, package_dir, quiet  # noqa: E402
 from peftkit.prefix_tuning import PrefixTuningModel  # noqa: E402
 from peftkit.prompt_tuning import PromptTuningModel  # noqa: E402
@@ -94,20 +94,21 @@ def peft_model(name, model):
 
 def save_exported_prompt(model, path):  # P-tuning deploys the (N, D) prompt, not its encoder
     model.export_prompt()
-    model.save(path)
+    return p_tuning.save_adapter(model, path)
 
 
 def save_exported_prefix(model, path):  # prefix-tuning deploys the key/value table, not its MLP
-    PrefixTuningModel.from_prefix(model.base_model, model.export_prefix()).save(path)
+    return prefix_tuning.save_adapter(PrefixTuningModel.from_prefix(model.base_model, model.export_prefix()), path)
 
 
-def save_prompt(model, path):
-    model.save(path)
+def save_trainable(model, path):  # full fine-tuning and the probe: every tensor that trained
+    return save_tensors(trainable_state_dict(model), path)
 
 
-SAVE = {"Houlsby adapters": save_adapters, "Pfeiffer adapters": save_adapters, "LoRA q/v": save_lora,
-        "LoRA all-linear": save_lora, "QLoRA all-linear": save_lora, "prompt tuning": save_prompt,
-        "P-tuning LSTM": save_exported_prompt, "P-tuning MLP": save_exported_prompt}
+SAVE = {"Houlsby adapters": adapters.save_adapter, "Pfeiffer adapters": adapters.save_adapter,
+        "LoRA q/v": lora.save_adapter, "LoRA all-linear": lora.save_adapter, "QLoRA all-linear": lora.save_adapter,
+        "prompt tuning": prompt_tuning.save_adapter, "P-tuning LSTM": save_exported_prompt,
+        "P-tuning MLP": save_exported_prompt}
 
 
 def lm_lora(quantize=False):
@@ -117,11 +118,11 @@ def lm_lora(quantize=False):
 
 
 GENERATION = {  # method -> (build, rate, saver); rates: the lower training loss of two 10-step trials, x3 apart
-    "LoRA all-linear": (lm_lora(), 3e-3, save_lora),
-    "QLoRA all-linear": (lm_lora(quantize=True), 3e-3, save_lora),
-    "Pfeiffer adapters": (lambda m, t: add_adapters(m, "pfeiffer"), 3e-3, save_adapters),
+    "LoRA all-linear": (lm_lora(), 3e-3, lora.save_adapter),
+    "QLoRA all-linear": (lm_lora(quantize=True), 3e-3, lora.save_adapter),
+    "Pfeiffer adapters": (lambda m, t: add_adapters(m, "pfeiffer"), 3e-3, adapters.save_adapter),
     "prompt tuning": (lambda m, t: PromptTuningModel(m, num_virtual_tokens=10, init="text", init_text=LM_PROMPT_TEXT,
-                                                     tokenizer=t), 3e-2, save_prompt),
+                                                     tokenizer=t), 3e-2, prompt_tuning.save_adapter),
     "prefix-tuning": (lambda m, t: PrefixTuningModel(m, num_virtual_tokens=10, projection=True), 1e-3,
                       save_exported_prefix),
 }
@@ -236,7 +237,7 @@ def run_topic(name, seeds=(0, 1, 2), max_epochs=None, progress=False, timing_rou
         ours_s, theirs_s = interleaved_medians(turns, rounds=timing_rounds).values()
         result["peft"].update(interleaved_step_seconds={"peftkit": ours_s, "peft": theirs_s},
                               step_time_ratio=ours_s / theirs_s)
-    save = SAVE.get(name, io.save_adapter)  # full fine-tuning and the probe: the trained tensors
+    save = SAVE.get(name, save_trainable)
     result["adapter_bytes"] = file_bytes(save, model)  # last: P-tuning's save exports the prompt
     return result
 

@@ -10,8 +10,8 @@ Each check only reads the model (the 4-bit one re-quantizes copies of at most th
   ``expected_targets`` names a layer that no LoRA layer wraps.
 - ``head-not-trained``: a classifier's new head (``classifier``, ``score``) is frozen while
   something else trains, so it stays random (peft #310, #876, #577).
-- ``trained-not-saved``: a parameter trains but peftkit's ``save_adapter`` / ``save_adapters``
-  would leave it out (e.g. a head unfrozen by hand, not listed in ``modules_to_save``).
+- ``trained-not-saved``: a parameter trains but the technique's ``save_adapter`` would leave
+  it out (e.g. a head unfrozen by hand, not listed in ``modules_to_save``).
 - ``no-trainable-parameters``: nothing requires grad, e.g. an adapter loaded for inference
   and then "trained" (peft #282).
 - ``checkpointing-without-input-grads``: re-entrant activation checkpointing over frozen
@@ -25,6 +25,7 @@ any torch model, peft's included.
 """
 
 import functools
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -136,21 +137,21 @@ def _head_not_trained(model) -> list[Finding]:
 
 
 def _trained_not_saved(model) -> list[Finding]:
-    from .adapters import adapter_state_dict
-    from .lora import lora_state_dict
-
-    saved = None  # the names save_adapter / save_adapters writes
-    if "lora_config" in vars(model) and _lora_layers(model):
-        saved = lora_state_dict(model)
-    elif "_peftkit_adapters" in vars(model):
-        saved = adapter_state_dict(model)
-    lost = [] if saved is None else [n for n, p in model.named_parameters() if p.requires_grad and n not in saved]
+    config = vars(model).get("adapter_config")  # every peftkit technique keeps its config there
+    if config is None:
+        return []
+    technique = importlib.import_module(type(config).__module__)  # the file that defines the technique
+    try:
+        saved = technique.adapter_state_dict(model)  # what its save_adapter writes
+    except ValueError:  # e.g. LoRA merged and unloaded: nothing of the technique left to save
+        return []
+    lost = [n for n, p in model.named_parameters() if p.requires_grad and n not in saved]
     if not lost:
         return []
     return [Finding(
         "trained-not-saved",
-        f"{_few(lost)} train, but peftkit's save_adapter / save_adapters would not write them (not in "
-        "modules_to_save): a reloaded model gets them back untrained",
+        f"{_few(lost)} train, but peftkit's {technique.__name__.rpartition('.')[2]}.save_adapter would not write "
+        "them (not in modules_to_save): a reloaded model gets them back untrained",
         f"list them when adding the technique, peftkit.lora.add_lora(..., modules_to_save="
         f"{sorted({n.rpartition('.')[0] for n in lost})}), rather than unfreezing them by hand")]
 

@@ -1,5 +1,6 @@
 """The README's promise: each technique file, copied into another project with only the sibling files its
-docstring names, imports and runs with nothing but torch and the standard library."""
+docstring names, imports and runs with nothing but torch and the standard library; copied beside
+adapter_files.py (and with safetensors installed), it saves and loads through the same two functions."""
 
 import re
 import shutil
@@ -11,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Modules torch has not loaded by itself may come only from the standard library or the copied files.
+# Modules torch has not loaded by itself (nor ALLOWED, set before the guard) may come only from the standard library or the copied files.
 GUARD = """
 import importlib.abc, sys
 from pathlib import Path
@@ -21,7 +22,7 @@ here, loaded = Path.cwd(), {m.split(".")[0] for m in sys.modules}
 class OnlyTorch(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         top = name.split(".")[0]
-        if top in loaded or top in sys.stdlib_module_names or (here / f"{top}.py").exists():
+        if top in loaded or top in sys.stdlib_module_names or (here / f"{top}.py").exists() or top in ALLOWED:
             return None
         raise ModuleNotFoundError(f"No module named {name!r} (only torch and the standard library here)")
 
@@ -81,11 +82,61 @@ def test_a_copied_technique_file_runs_with_only_torch(name, tmp_path):
         assert f"``{sibling}.py``" in docstring, f"{name}.py's docstring should say it needs {sibling}.py"
     for file in [name, *siblings]:
         shutil.copy(ROOT / "peftkit" / f"{file}.py", tmp_path)
-    done = subprocess.run([sys.executable, "-I", "-c", GUARD + use], cwd=tmp_path, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-I", "-c", "ALLOWED = ()" + GUARD + use], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+# Tiny stand-ins for the models each technique expects, built from torch alone.
+LAYER = """
+from torch import nn
+def bert_layer(d=16):  # the module names adapters look for in a BERT layer
+    dense = lambda: nn.ModuleDict({"dense": nn.Linear(d, d), "LayerNorm": nn.LayerNorm(d)})
+    return nn.ModuleDict({"attention": nn.ModuleDict({"output": dense()}), "output": dense()})
+class Encoder(nn.Module):  # what the prompt methods call: input embeddings, and a forward on them
+    def __init__(self, d=16):
+        super().__init__()
+        self.embed, self.classifier = nn.Embedding(10, d), nn.Linear(d, 2)
+    def get_input_embeddings(self):
+        return self.embed
+    def forward(self, inputs_embeds, attention_mask=None, labels=None):
+        return self.classifier(inputs_embeds.mean(1))
+"""
+
+# technique file -> (siblings, what to build, a parameter that trains)
+ROUND_TRIPS = {
+    "lora": ([], "nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))",
+             "technique.add_lora(model, ['0'], rank=2, alpha=4)", "0.lora_B.weight"),
+    "adapters": ([], "nn.ModuleDict({'layer': bert_layer()})", "technique.add_adapters(model, 'pfeiffer')",
+                 "layer.output.dense.adapter.adapter_up.weight"),
+    "prompt_tuning": ([], "Encoder()", "technique.PromptTuningModel(model, num_virtual_tokens=3)",
+                      "prompt_encoder.embedding.weight"),
+    "p_tuning": (["prompt_tuning"], "Encoder()", "technique.PTuningModel(model)", "prompt_encoder.embedding.weight"),
+}
+
+
+@pytest.mark.parametrize("name", ROUND_TRIPS)
+def test_a_copied_technique_file_saves_and_loads_beside_adapter_files(name, tmp_path):
+    siblings, build, add, trained = ROUND_TRIPS[name]
+    for file in [name, *siblings, "adapter_files"]:
+        shutil.copy(ROOT / "peftkit" / f"{file}.py", tmp_path)
+    use = LAYER + f"""
+import {name} as technique
+model = {add.replace("model", build, 1)}
+with torch.no_grad():
+    model.get_parameter({trained!r}).add_(1.0)
+technique.save_adapter(model, "adapter.safetensors")
+fresh = {add.replace("model", build, 1)}
+assert not torch.equal(fresh.get_parameter({trained!r}), model.get_parameter({trained!r}))
+technique.load_adapter(fresh, "adapter.safetensors")
+assert torch.equal(fresh.get_parameter({trained!r}), model.get_parameter({trained!r}))
+"""
+    done = subprocess.run([sys.executable, "-I", "-c", "ALLOWED = ('safetensors',)" + GUARD + use], cwd=tmp_path,
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_the_guard_refuses_what_is_not_torch(tmp_path):
-    done = subprocess.run([sys.executable, "-I", "-c", GUARD + "import transformers"], cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-I", "-c", "ALLOWED = ()" + GUARD + "import transformers"], cwd=tmp_path,
                           capture_output=True, text=True)
     assert done.returncode != 0 and "only torch and the standard library" in done.stderr

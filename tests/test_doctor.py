@@ -6,7 +6,7 @@ import torch
 
 from peftkit.adapters import add_adapters
 from peftkit.doctor import Finding, check
-from peftkit.lora import LoRALinear, add_lora, lora_state_dict
+from peftkit.lora import LoRALinear, add_lora, adapter_state_dict
 from peftkit.prompt_tuning import PromptTuningModel
 from peftkit.qlora import prepare_for_qlora, requantized_update_error
 from peftkit.train import enable_checkpointing
@@ -79,11 +79,18 @@ def test_head_not_trained_under_lora_and_prompt_tuning():
 
 def test_trained_not_saved_when_the_head_is_unfrozen_by_hand():
     model = bert_lora(modules_to_save=[])
-    model.classifier.requires_grad_(True)  # trains, but lora_config.modules_to_save does not list it
-    assert "classifier.weight" not in lora_state_dict(model)  # the finding is true: save_adapter drops it
+    model.classifier.requires_grad_(True)  # trains, but adapter_config.modules_to_save does not list it
+    assert "classifier.weight" not in adapter_state_dict(model)  # the finding is true: save_adapter drops it
     [finding] = check(model)
     assert finding.code == "trained-not-saved"
     assert "classifier.weight" in finding.message and "modules_to_save=['classifier']" in finding.fix
+
+
+def test_trained_not_saved_for_adapters_names_their_file():
+    model = add_adapters(tiny_bert(), "pfeiffer", modules_to_save=[])
+    model.classifier.requires_grad_(True)
+    [finding] = check(model)
+    assert finding.code == "trained-not-saved" and "adapters.save_adapter" in finding.message
 
 
 def test_no_trainable_parameters_unless_evaluating():
