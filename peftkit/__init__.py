@@ -2,7 +2,7 @@
 
 Each technique lives in its own file and needs only torch:
 lora, adapters, prompt_tuning, p_tuning, prefix_tuning, nf4, qlora.
-Loaders (models), data (data), the training loop (train) and saving (io) are separate.
+Loaders (models), data (data), the training loop (train) and adapter files (adapter_files) are separate.
 """
 
 import warnings
