@@ -24,55 +24,33 @@ the RMSNorms in front of each sublayer, as that architecture has no norm after t
 Trained: the adapters (plus the layers' norms for "houlsby", plus any modules_to_save).
 Frozen: everything else. Unlike LoRA, an adapter cannot be merged into the base weights
 (f is non-linear), so it costs a little extra time at inference.
+
+    add_adapters(model, "houlsby", reduction_factor=16, modules_to_save=["classifier"])
+    ...train...
+    save_adapter(model, "adapters.safetensors")        # the trained tensors and model.adapter_config
+    load_adapter(fresh_model, "adapters.safetensors")  # adds the adapters first if it has none
+    remove_adapters(model)                             # the original projections again
 """
 
 from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 NON_LINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "swish": nn.SiLU}
-
-# Where each model family keeps, inside one transformer layer, the two projections an adapter can
-# follow and the norms that "houlsby" trains. A layer is recognised when all four paths exist.
-FAMILIES = {
-    "bert": {"attention": "attention.output.dense", "feed_forward": "output.dense",
-             "norms": ("attention.output.LayerNorm", "output.LayerNorm")},
-    "llama": {"attention": "self_attn.o_proj", "feed_forward": "mlp.down_proj",
-              "norms": ("input_layernorm", "post_attention_layernorm")},
-}
+# Which sublayers of each transformer layer get an adapter, and whether the layer's norms train.
 PLACEMENTS = {
     "houlsby": {"sublayers": ("attention", "feed_forward"), "train_norms": True},
     "pfeiffer": {"sublayers": ("feed_forward",), "train_norms": False},
 }
-TECHNIQUE = "bottleneck_adapters"  # tag in the saved file's config, checked on load
-
-
-def _check_reduction_factor(reduction_factor):
-    if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, (int, float)) \
-            or not reduction_factor > 0:
-        raise ValueError(f"reduction_factor must be a positive number (e.g. 16), got {reduction_factor!r}")
-
-
-def bottleneck_size(hidden_size: int, reduction_factor: float) -> int:
-    """m = hidden_size / reduction_factor, which must come out a whole number >= 1."""
-    _check_reduction_factor(reduction_factor)
-    size = hidden_size / reduction_factor
-    if size < 1 or size != int(size):
-        divisors = [k for k in range(1, hidden_size + 1) if hidden_size % k == 0]
-        raise ValueError(
-            f"reduction_factor={reduction_factor} does not divide hidden_size={hidden_size} into a "
-            f"whole, positive bottleneck (got {size:g}); reduction factors that do: {divisors}")
-    return int(size)
-
-
-def _check_choice(what: str, value, valid: dict):
-    if value not in valid:
-        raise ValueError(f"unknown {what} {value!r}; valid ones: {sorted(valid)}")
 
 
 @dataclass
 class AdapterConfig:
+    """What ``add_adapters`` did; saved with the adapters so that it can be redone before loading."""
+
+    technique: ClassVar[str] = "bottleneck_adapters"  # the tag in saved files, checked on load
     placement: str = "houlsby"      # "houlsby": after attention and feed-forward; "pfeiffer": feed-forward only
     reduction_factor: float = 16    # bottleneck size m = hidden_size / reduction_factor
     non_linearity: str = "relu"     # f between the projections, a key of NON_LINEARITIES
@@ -131,17 +109,54 @@ class AdaptedSublayer(nn.Module):
         return self.adapter(self.base(*args, **kwargs))
 
 
-def _get(module: nn.Module, path: str):
-    for part in path.split("."):
-        module = getattr(module, part, None)
-    return module if isinstance(module, nn.Module) else None
+def bottleneck_size(hidden_size: int, reduction_factor: float) -> int:
+    """m = hidden_size / reduction_factor, which must come out a whole number >= 1."""
+    _check_reduction_factor(reduction_factor)
+    size = hidden_size / reduction_factor
+    if size < 1 or size != int(size):
+        divisors = [k for k in range(1, hidden_size + 1) if hidden_size % k == 0]
+        raise ValueError(
+            f"reduction_factor={reduction_factor} does not divide hidden_size={hidden_size} into a "
+            f"whole, positive bottleneck (got {size:g}); reduction factors that do: {divisors}")
+    return int(size)
+
+
+def _check_reduction_factor(reduction_factor):
+    if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, (int, float)) \
+            or not reduction_factor > 0:
+        raise ValueError(f"reduction_factor must be a positive number (e.g. 16), got {reduction_factor!r}")
+
+
+def _check_choice(what: str, value, valid: dict):
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}; valid ones: {sorted(valid)}")
+
+
+# --- injecting into a model ---
+
+# Where each model family keeps, inside one transformer layer, the two projections an adapter can
+# follow and the norms that "houlsby" trains. A layer is recognised when all four paths exist.
+FAMILIES = {
+    "bert": {"attention": "attention.output.dense", "feed_forward": "output.dense",
+             "norms": ("attention.output.LayerNorm", "output.LayerNorm")},
+    "llama": {"attention": "self_attn.o_proj", "feed_forward": "mlp.down_proj",
+              "norms": ("input_layernorm", "post_attention_layernorm")},
+}
+
+
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)  # an AttributeError if a part is missing or not a module
+    except AttributeError:
+        return False
+    return True
 
 
 def find_layers(model: nn.Module) -> tuple[str, list[tuple[str, nn.Module]]]:
     """(family, [(name, layer), ...]): the transformer layers adapters can be placed in."""
     for family, parts in FAMILIES.items():
         paths = (parts["attention"], parts["feed_forward"], *parts["norms"])
-        layers = [(n, m) for n, m in model.named_modules() if all(_get(m, p) is not None for p in paths)]
+        layers = [(n, m) for n, m in model.named_modules() if all(_has_submodule(m, p) for p in paths)]
         if layers:
             return family, layers
     looked_for = "; ".join(
@@ -151,11 +166,17 @@ def find_layers(model: nn.Module) -> tuple[str, list[tuple[str, nn.Module]]]:
                      f"known family. Looked for {looked_for}.")
 
 
-def _adapter_state(model: nn.Module) -> dict:
-    state = model.__dict__.get("_peftkit_adapters")
-    if state is None:
-        raise ValueError(f"{type(model).__name__} has no adapters: call add_adapters(model) first")
-    return state
+def _modules_to_save(model: nn.Module, targets) -> dict[str, nn.Module]:
+    """peft's rule: a target names a module by its full dotted name or by its last components."""
+    found = {}
+    for target in targets:
+        hits = {n: m for n, m in model.named_modules() if n == target or n.endswith("." + target)}
+        if not hits:
+            raise ValueError(f"modules_to_save entry {target!r} matches no module of "
+                             f"{type(model).__name__}; its top-level modules are "
+                             f"{[n for n, _ in model.named_children()]}")
+        found.update(hits)
+    return found
 
 
 def add_adapters(model: nn.Module, config="houlsby", **overrides) -> nn.Module:
@@ -163,6 +184,7 @@ def add_adapters(model: nn.Module, config="houlsby", **overrides) -> nn.Module:
 
     ``config`` is a placement name ("houlsby" or "pfeiffer") or an AdapterConfig; keyword
     arguments (reduction_factor, non_linearity, init_std, modules_to_save) override its fields.
+    The config used is kept as ``model.adapter_config``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"add_adapters needs a torch.nn.Module, got {type(model).__name__}")
@@ -172,25 +194,20 @@ def add_adapters(model: nn.Module, config="houlsby", **overrides) -> nn.Module:
         config = replace(config, **overrides)
     else:
         raise TypeError(f"config must be one of {sorted(PLACEMENTS)} or an AdapterConfig, got {config!r}")
-    if "_peftkit_adapters" in model.__dict__ or any(isinstance(m, AdaptedSublayer) for m in model.modules()):
+    carried = getattr(vars(model).get("adapter_config"), "technique", None)
+    if carried not in (None, AdapterConfig.technique):
+        raise ValueError(f"this model already carries {carried} (model.adapter_config): one technique per model")
+    if carried or any(isinstance(m, AdaptedSublayer) for m in model.modules()):
         raise ValueError("this model already has adapters: call remove_adapters(model) before adding again")
     family, layers = find_layers(model)
-    names = [n for n, _ in model.named_modules()]
-    to_save = {}
-    for target in config.modules_to_save:
-        hits = [n for n in names if n == target or n.endswith("." + target)]
-        if not hits:
-            raise ValueError(f"modules_to_save entry {target!r} matches no module of "
-                             f"{type(model).__name__}; its top-level modules are "
-                             f"{[n for n, _ in model.named_children()]}")
-        to_save.update({n: model.get_submodule(n) for n in hits})
+    to_save = _modules_to_save(model, config.modules_to_save)
 
     # Build every wrapper before touching the model, so a bad reduction factor changes nothing.
     plan = []
     for _, layer in layers:
         for sublayer in PLACEMENTS[config.placement]["sublayers"]:
             path = FAMILIES[family][sublayer]
-            base = _get(layer, path)
+            base = layer.get_submodule(path)
             if not isinstance(getattr(base, "out_features", None), int):
                 raise ValueError(f"{path} is a {type(base).__name__} without an int out_features; "
                                  f"adapters need it to know the hidden size")
@@ -205,17 +222,17 @@ def add_adapters(model: nn.Module, config="houlsby", **overrides) -> nn.Module:
 
     trained = [wrapped.adapter for _, _, wrapped in plan] + list(to_save.values())
     if PLACEMENTS[config.placement]["train_norms"]:
-        trained += [_get(layer, path) for _, layer in layers for path in FAMILIES[family]["norms"]]
+        trained += [layer.get_submodule(path) for _, layer in layers for path in FAMILIES[family]["norms"]]
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
         model.requires_grad_(False)
         for layer, path, wrapped in plan:
-            parent, _, attr = path.rpartition(".")
-            setattr(_get(layer, parent), attr, wrapped)
+            layer.set_submodule(path, wrapped)
         for module in trained:
             module.requires_grad_(True)
-        # Kept on the model: saving needs the config and what trains, removing the old flags.
-        model._peftkit_adapters = {"config": config, "requires_grad": requires_grad, "trained": trained}
+        # Bookkeeping, not config: what trains (for saving) and the flags from before (for removing).
+        model._peftkit_adapters = {"requires_grad": requires_grad, "trained": trained}
+        model.adapter_config = config
     except BaseException:
         _unwrap(model, requires_grad)  # as it came, whatever went wrong
         raise
@@ -224,74 +241,74 @@ def add_adapters(model: nn.Module, config="houlsby", **overrides) -> nn.Module:
 
 def _unwrap(model: nn.Module, requires_grad: dict) -> None:
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedSublayer)]:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, module.base)
+        model.set_submodule(name, module.base)
     for n, p in model.named_parameters():
         p.requires_grad_(requires_grad.get(n, p.requires_grad))
-    model.__dict__.pop("_peftkit_adapters", None)
+    vars(model).pop("_peftkit_adapters", None)
+    if isinstance(vars(model).get("adapter_config"), AdapterConfig):
+        del model.adapter_config
 
 
 def remove_adapters(model: nn.Module) -> nn.Module:
     """Put the original projections back and restore each parameter's requires_grad, in place.
 
     Norms ("houlsby") and modules_to_save keep the values they were trained to: they are
-    the model's own modules, not wrappers, so save them (save_adapters) to keep both versions.
+    the model's own modules, not wrappers, so save them (save_adapter) to keep both versions.
     """
     if not any(isinstance(m, AdaptedSublayer) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} has no adapters to remove")
-    _unwrap(model, model.__dict__.get("_peftkit_adapters", {}).get("requires_grad", {}))
+    _unwrap(model, vars(model).get("_peftkit_adapters", {}).get("requires_grad", {}))
     return model
 
 
-def adapter_config(model: nn.Module) -> AdapterConfig:
-    """The AdapterConfig the model's adapters were added with."""
-    return _adapter_state(model)["config"]
+# --- saving ---
+
+def _adapter_files():
+    """adapter_files.py (and safetensors) do the saving; the technique itself needs only torch."""
+    try:
+        from . import adapter_files
+    except ImportError:  # this file was copied into a project, beside adapter_files.py
+        import adapter_files
+    return adapter_files
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What the technique trains, hence what a checkpoint holds: the adapters, the norms
+    """What the technique trains, hence what a file holds: the adapters, the norms
     ("houlsby") and the modules_to_save -- by default, every parameter with requires_grad."""
-    ids = {id(p) for module in _adapter_state(model)["trained"] for p in module.parameters()}
+    if "_peftkit_adapters" not in vars(model):
+        raise ValueError(f"{type(model).__name__} has no adapters: call add_adapters(model) first")
+    ids = {id(p) for module in model._peftkit_adapters["trained"] for p in module.parameters()}
     return {n: p.detach() for n, p in model.named_parameters() if id(p) in ids}
 
 
-def _io():
-    try:
-        from . import io
-    except ImportError as e:  # this file was copied alone, without peftkit/io.py
-        raise ImportError("saving and loading adapters needs peftkit/io.py next to adapters.py") from e
-    return io
+def save_adapter(model: nn.Module, path):
+    """Write adapter_state_dict(model) and model.adapter_config to one safetensors file; returns its path."""
+    return _adapter_files().write_adapter(adapter_state_dict(model), path, model.adapter_config)
 
 
-def save_adapters(model: nn.Module, path):
-    """Write adapter_state_dict(model) and the config to one safetensors file; returns its path."""
-    config = {"technique": TECHNIQUE, **asdict(adapter_config(model))}
-    return _io().save_tensors(adapter_state_dict(model), path, config)
+def load_adapter(model: nn.Module, path) -> AdapterConfig:
+    """Load a file written by save_adapter into ``model``; returns the saved config.
 
-
-def load_adapters(model: nn.Module, path) -> AdapterConfig:
-    """Load a file written by save_adapters into ``model``; returns the saved config.
-
-    A model without adapters first gets them, with the saved config. The file must hold
-    exactly adapter_state_dict's keys: other keys (a frozen base weight, say), missing keys,
-    another shape or config are a ValueError saying what differs. On that or any other error
-    (an I/O error, an interruption) the model is left as it was.
+    A model without adapters first gets them, with the saved config. Another technique's file,
+    other keys than adapter_state_dict's (a frozen base weight, say), missing keys, another shape
+    or config are a ValueError saying what differs. On that or any other error (an I/O error,
+    an interruption) the model is left as it was.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"load_adapters needs a torch.nn.Module, got {type(model).__name__}")
-    io = _io()
-    tensors, saved = io.read_adapter(path, TECHNIQUE, AdapterConfig, saver="save_adapters")
-    added = "_peftkit_adapters" not in model.__dict__
+        raise TypeError(f"load_adapter needs a torch.nn.Module, got {type(model).__name__}")
+    files = _adapter_files()
+    tensors, saved = files.read_adapter(path, AdapterConfig)
+    added = "_peftkit_adapters" not in vars(model)
     if added:
         add_adapters(model, saved)
     try:
-        ours = adapter_config(model)
+        ours = model.adapter_config
         keys = ("placement", "reduction_factor", "non_linearity", "modules_to_save")
         diff = {k: (getattr(saved, k), getattr(ours, k)) for k in keys if getattr(saved, k) != getattr(ours, k)}
         if diff:
             raise ValueError(f"{path} holds adapters with a different config, as (file, model): {diff}; "
                              f"add_adapters with the file's config {saved} before loading")
-        io.copy_tensors(model, tensors, adapter_state_dict(model), source=path, config=asdict(saved))
+        files.copy_tensors(model, tensors, adapter_state_dict(model), source=path, config=asdict(saved))
     except BaseException:
         if added:
             remove_adapters(model)

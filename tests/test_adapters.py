@@ -1,7 +1,10 @@
 """Bottleneck adapters: peft has no reference for them, so each check is against the formula
 h + W_up f(W_down h + b_down) + b_up written out by hand, or against the frozen model itself."""
 
+import importlib.util
 import math
+import shutil
+import sys
 
 import pytest
 import torch
@@ -9,10 +12,10 @@ from torch import nn
 from torch.testing import assert_close
 from transformers import BertModel
 
-from peftkit import io
-from peftkit.adapters import (AdaptedSublayer, AdapterConfig, BottleneckAdapter, adapter_config,
-                              adapter_state_dict, add_adapters, load_adapters, remove_adapters,
-                              save_adapters)
+import peftkit.adapters
+from peftkit import adapter_files
+from peftkit.adapters import (AdaptedSublayer, AdapterConfig, BottleneckAdapter, adapter_state_dict, add_adapters,
+                              load_adapter, remove_adapters, save_adapter)
 
 from tiny import tiny_bert, tiny_llama  # noqa: E402
 
@@ -73,6 +76,20 @@ def randomize(model):
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.3)
+
+
+def snapshot(model):
+    """What a refused load must leave as it was: modules, values, flags, the technique's attributes."""
+    return ([(n, type(m)) for n, m in model.named_modules()],
+            {n: t.clone() for n, t in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            sorted(k for k in vars(model) if k in ("adapter_config", "_peftkit_adapters")))
+
+
+def assert_unchanged(model, before):
+    modules, state, flags, attrs = snapshot(model)
+    assert (modules, flags, attrs) == (before[0], before[2], before[3])
+    assert state.keys() == before[1].keys() and all(torch.equal(t, before[1][n]) for n, t in state.items())
 
 
 def expected_wrapped(family, placement):
@@ -144,7 +161,7 @@ def test_placement(family, placement):
     # print(model) folds identical layers into one entry, so count inside the first layer.
     first_layer = model.get_submodule(PATHS[family]["prefix"].format(i=0).rstrip("."))
     assert str(first_layer).count("AdaptedSublayer") == len(SUBLAYERS[placement])
-    assert adapter_config(model) == AdapterConfig(placement=placement, reduction_factor=4)
+    assert model.adapter_config == AdapterConfig(placement=placement, reduction_factor=4)
 
 
 def test_bert_adapters_sit_before_dropout_residual_and_layernorm():
@@ -207,13 +224,33 @@ def test_gradients_reach_only_adapters_and_houlsby_norms(family, placement):
             assert p.grad is None, name
 
 
-def test_modules_to_save_train_in_full_and_are_saved(tmp_path):
-    model = tiny_bert(seed=0)
-    add_adapters(model, "pfeiffer", reduction_factor=4, modules_to_save=["classifier"])
+def test_modules_to_save_train_in_full():
+    model = add_adapters(tiny_bert(seed=0), "pfeiffer", reduction_factor=4, modules_to_save=["classifier"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {"classifier.weight", "classifier.bias"} <= trainable
     assert not any(n.startswith("bert.pooler") or "LayerNorm" in n for n in trainable)
-    tensors, config = io.load_tensors(save_adapters(model, tmp_path / "a.safetensors"))
+
+
+@pytest.mark.parametrize("name, matched", [
+    ("classifier", {"classifier"}),
+    ("bert.pooler.dense", {"bert.pooler.dense"}),  # a full name
+    ("pooler.dense", {"bert.pooler.dense"}),  # its last components
+    ("query", {f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)}),  # every layer's
+])
+def test_modules_to_save_match_full_names_or_their_last_components(name, matched):
+    model = add_adapters(tiny_bert(seed=0), "pfeiffer", reduction_factor=4, modules_to_save=[name])
+    assert {n.rpartition(".")[0] for n in adapter_state_dict(model) if ".adapter." not in n} == matched
+
+
+def test_modules_to_save_do_not_match_a_partial_name():
+    with pytest.raises(ValueError, match="'ooler.dense' matches no module"):
+        add_adapters(tiny_bert(seed=0), "pfeiffer", reduction_factor=4, modules_to_save=["ooler.dense"])
+
+
+def test_modules_to_save_are_saved(tmp_path):
+    model = add_adapters(tiny_bert(seed=0), "pfeiffer", reduction_factor=4, modules_to_save=["classifier"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    tensors, config = adapter_files.load_tensors(save_adapter(model, tmp_path / "a.safetensors"))
     assert set(tensors) == trainable and config["modules_to_save"] == ["classifier"]
 
 
@@ -230,43 +267,65 @@ def test_houlsby_trains_the_papers_parameter_count():
 def test_save_load_round_trip_is_exact(family, tmp_path):
     model = add_adapters(make(family), "houlsby", reduction_factor=4, non_linearity="gelu")
     randomize(model)
-    path = save_adapters(model, tmp_path / "adapters.safetensors")
-    tensors, config = io.load_tensors(path)
+    path = save_adapter(model, tmp_path / "adapters.safetensors")
+    tensors, config = adapter_files.load_tensors(path)
     assert set(tensors) == set(adapter_state_dict(model))
     assert config == {"technique": "bottleneck_adapters", "placement": "houlsby", "reduction_factor": 4,
                       "non_linearity": "gelu", "init_std": 1e-3, "modules_to_save": []}
 
     torch.manual_seed(123)  # different adapter init, so the load has something to overwrite
     same_config = add_adapters(make(family), "houlsby", reduction_factor=4, non_linearity="gelu")
-    bare = make(family)  # no adapters yet: load_adapters adds them from the file's config
+    bare = make(family)  # no adapters yet: load_adapter adds them from the file's config
     for target in (same_config, bare):
-        assert load_adapters(target, path) == AdapterConfig("houlsby", 4, "gelu")
+        assert load_adapter(target, path) == AdapterConfig("houlsby", 4, "gelu") == target.adapter_config
         for name, t in adapter_state_dict(model).items():
             assert torch.equal(target.get_parameter(name), t), name
         assert torch.equal(run(target), run(model))
 
 
 def test_load_with_other_config_fails_and_leaves_model_unchanged(tmp_path):
-    path = save_adapters(add_adapters(make("bert"), "houlsby", reduction_factor=4), tmp_path / "a.safetensors")
+    path = save_adapter(add_adapters(make("bert"), "houlsby", reduction_factor=4), tmp_path / "a.safetensors")
     model = add_adapters(make("bert"), "houlsby", reduction_factor=4, non_linearity="tanh")
-    before = {n: t.clone() for n, t in adapter_state_dict(model).items()}
-    with pytest.raises(ValueError, match="non_linearity"):
-        load_adapters(model, path)
-    assert all(torch.equal(model.get_parameter(n), t) for n, t in before.items())
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"different config.*'non_linearity': \('relu', 'tanh'\)"):
+        load_adapter(model, path)
+    assert_unchanged(model, before)
 
+
+def test_load_into_a_bare_model_of_other_shape_fails_and_adds_nothing(tmp_path):
+    path = save_adapter(add_adapters(make("bert"), "houlsby", reduction_factor=4), tmp_path / "a.safetensors")
     bigger = tiny_bert(seed=None, model_class=BertModel, num_labels=None, num_hidden_layers=3,
                        eval_mode=False)  # the file lacks layer 2
+    before = snapshot(bigger)
     with pytest.raises(ValueError, match="missing keys"):
-        load_adapters(bigger, path)
-    assert not any(isinstance(m, AdaptedSublayer) for m in bigger.modules())
-    assert all(p.requires_grad for p in bigger.parameters())
+        load_adapter(bigger, path)
+    assert_unchanged(bigger, before)
 
 
-def test_load_rejects_a_file_from_another_technique(tmp_path):
-    other = make("bert")
-    path = io.save_adapter(other, tmp_path / "full.safetensors", config={"technique": "lora"})
-    with pytest.raises(ValueError, match="not written by save_adapters"):
-        load_adapters(make("bert"), path)
+@pytest.mark.parametrize("injected", [False, True])
+def test_load_refuses_a_file_of_another_technique_naming_both(tmp_path, injected):
+    lora_file = adapter_files.save_tensors(  # what peftkit.lora.save_adapter writes: tagged "lora"
+        {"bert.encoder.layer.0.attention.self.query.lora_A.weight": torch.zeros(4, 32)},
+        tmp_path / "lora.safetensors", {"technique": "lora", "target_modules": ["query"], "rank": 4})
+    model = add_adapters(make("bert"), reduction_factor=4) if injected else make("bert")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="holds a lora adapter, not bottleneck_adapters"):
+        load_adapter(model, lora_file)
+    assert_unchanged(model, before)
+
+
+def test_the_saved_file_is_tagged_with_the_technique(tmp_path):
+    path = save_adapter(add_adapters(make("bert"), reduction_factor=4), tmp_path / "a.safetensors")
+    assert adapter_files.load_tensors(path)[1]["technique"] == AdapterConfig.technique == "bottleneck_adapters"
+
+
+def test_adding_to_a_model_that_carries_another_technique_is_refused():
+    model = make("bert")
+    model.adapter_config = type("LoRAConfig", (), {"technique": "lora"})()  # as peftkit.lora.add_lora leaves it
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="already carries lora"):
+        add_adapters(model, reduction_factor=4)
+    assert_unchanged(model, before)
 
 
 def test_remove_adapters_restores_the_model():
@@ -285,10 +344,20 @@ def test_remove_adapters_restores_the_model():
     assert dict(model.named_modules()) == modules
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert torch.equal(run(model), frozen)
+    assert "adapter_config" not in vars(model) and "_peftkit_adapters" not in vars(model)
+
+
+def test_removing_twice_is_an_error():
+    model = remove_adapters(add_adapters(make("bert"), reduction_factor=4))
     with pytest.raises(ValueError, match="no adapters to remove"):
         remove_adapters(model)
-    add_adapters(model, "pfeiffer", reduction_factor=4)  # adding again after removing is fine
+
+
+def test_adding_again_after_removing_works():
+    model = remove_adapters(add_adapters(make("bert"), "houlsby", reduction_factor=4))
+    add_adapters(model, "pfeiffer", reduction_factor=4)
     assert len([m for m in model.modules() if isinstance(m, AdaptedSublayer)]) == 2
+    assert model.adapter_config.placement == "pfeiffer"
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -296,6 +365,9 @@ def test_remove_adapters_restores_the_model():
 def test_unknown_config_name_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"'lora'.*\['houlsby', 'pfeiffer'\]"):
         add_adapters(make("bert"), "lora")
+
+
+def test_a_config_that_is_no_name_or_adapter_config_is_a_type_error():
     with pytest.raises(TypeError, match="AdapterConfig"):
         add_adapters(make("bert"), {"placement": "houlsby"})
 
@@ -326,6 +398,9 @@ def test_adding_twice_is_an_error():
 def test_unknown_architecture_names_what_was_looked_for():
     with pytest.raises(ValueError, match=r"attention\.output\.dense.*self_attn\.o_proj"):
         add_adapters(nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32)))
+
+
+def test_a_model_that_is_no_module_is_a_type_error():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         add_adapters("bert-base-uncased")
 
@@ -341,26 +416,41 @@ def test_other_bad_knobs(bad, message):
         add_adapters(make("bert"), reduction_factor=4, **bad)
 
 
-def test_bad_hidden_size_and_no_adapters_to_save():
+def test_bad_hidden_size():
     with pytest.raises(ValueError, match="hidden_size must be a positive int"):
         BottleneckAdapter(0)
-    with pytest.raises(ValueError, match="no adapters"):
-        adapter_state_dict(make("bert"))
-    with pytest.raises(ValueError, match="no adapters"):
-        save_adapters(make("bert"), "unused.safetensors")
+
+
+@pytest.mark.parametrize("call", [adapter_state_dict, lambda m: save_adapter(m, "unused.safetensors")],
+                         ids=["adapter_state_dict", "save_adapter"])
+def test_a_model_without_adapters_has_nothing_to_save(call):
+    with pytest.raises(ValueError, match="has no adapters: call add_adapters"):
+        call(make("bert"))
+
+
+def import_copy(module, path):
+    """Copy ``module``'s file to ``path`` and import it from there, outside the peftkit package."""
+    spec = importlib.util.spec_from_file_location(path.stem, shutil.copy(module.__file__, path))
+    copied = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copied)
+    return copied
 
 
 def test_file_works_when_copied_alone(tmp_path):
-    import importlib.util
-    import shutil
-
-    import peftkit.adapters
-
-    copy = shutil.copy(peftkit.adapters.__file__, tmp_path / "my_adapters.py")
-    spec = importlib.util.spec_from_file_location("my_adapters", copy)
-    alone = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(alone)  # no peftkit package around it
+    alone = import_copy(peftkit.adapters, tmp_path / "my_adapters.py")
     model = alone.add_adapters(make("bert"), "pfeiffer", reduction_factor=4)
     assert len(alone.adapter_state_dict(model)) == 2 * 4
-    with pytest.raises(ImportError, match="needs peftkit/io.py"):
-        alone.save_adapters(model, tmp_path / "a.safetensors")
+    with pytest.raises(ImportError, match="adapter_files"):  # saving needs adapter_files.py beside it
+        alone.save_adapter(model, tmp_path / "a.safetensors")
+
+
+def test_file_copied_beside_adapter_files_saves_and_loads(tmp_path, monkeypatch):
+    beside = import_copy(peftkit.adapter_files, tmp_path / "adapter_files.py")
+    monkeypatch.setitem(sys.modules, "adapter_files", beside)  # what `import adapter_files` finds
+    alone = import_copy(peftkit.adapters, tmp_path / "my_adapters.py")
+    model = alone.add_adapters(make("bert"), "pfeiffer", reduction_factor=4)
+    randomize(model)
+    path = alone.save_adapter(model, tmp_path / "a.safetensors")
+    restored = make("bert")
+    assert alone.load_adapter(restored, path) == model.adapter_config
+    assert torch.equal(run(restored), run(model))

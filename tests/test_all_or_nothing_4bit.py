@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from peftkit.adapters import add_adapters, load_adapters, remove_adapters, save_adapters
+from peftkit.adapters import AdaptedSublayer, add_adapters, load_adapter, remove_adapters, save_adapter
 from peftkit.lora import LoRALinear, add_lora
 from peftkit.nf4 import PARTS, NF4Linear, quantize_model, quantize_nf4
 from peftkit.qlora import merge_into_4bit, merge_into_float, merged_weight, prepare_for_qlora, requantized_update_error
@@ -351,7 +351,7 @@ def test_a_state_dict_of_other_settings_or_shapes_is_refused():
 
 # --- adapters on a 4-bit base ---
 
-def test_add_adapters_works_on_a_quantized_llama(tmp_path):
+def test_add_adapters_works_on_a_quantized_llama():
     model = prepare_for_qlora(wide_llama())
     assert not model.model.layers[0].mlp.down_proj.weight.is_floating_point()  # stored as 4-bit codes
     add_adapters(model)
@@ -361,12 +361,23 @@ def test_add_adapters_works_on_a_quantized_llama(tmp_path):
     model(input_ids=IDS, labels=IDS).loss.backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad and all(".adapter." in n or "norm" in n for n in with_grad)
-    model.eval()
+
+
+def test_adapters_on_a_quantized_llama_save_and_load_exactly(tmp_path):
+    model = add_adapters(prepare_for_qlora(wide_llama()))
+    with torch.no_grad():  # values far from the init, as training would leave them
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
     expected = logits(model)
-    save_adapters(model, tmp_path / "adapters.safetensors")
+    save_adapter(model, tmp_path / "adapters.safetensors")
     fresh = prepare_for_qlora(wide_llama())
-    load_adapters(fresh, tmp_path / "adapters.safetensors")
+    load_adapter(fresh, tmp_path / "adapters.safetensors")
     assert torch.equal(logits(fresh), expected)
+
+
+def test_remove_adapters_gives_back_the_4bit_layers():
+    model = add_adapters(prepare_for_qlora(wide_llama()))
     remove_adapters(model)
     assert isinstance(model.model.layers[0].mlp.down_proj, NF4Linear)
-    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert not any(isinstance(m, AdaptedSublayer) for m in model.modules())

@@ -14,9 +14,8 @@ from torch import nn
 
 import peftkit.adapters as adapters_module
 import peftkit.lora as lora_module
-from peftkit import io
-from peftkit.adapters import (AdaptedSublayer, BottleneckAdapter, adapter_state_dict, add_adapters,
-                              load_adapters, remove_adapters, save_adapters)
+from peftkit import adapter_files
+from peftkit.adapters import AdaptedSublayer, BottleneckAdapter, adapter_state_dict, add_adapters, remove_adapters
 from peftkit.lora import (LoRALinear, add_lora, export_peft, load_adapter, lora_state_dict, merge_lora,
                           save_adapter, unmerge_lora)
 from peftkit.nf4 import quantize_model
@@ -45,7 +44,7 @@ def snapshot(model):
     return ([(n, type(m)) for n, m in model.named_modules()],
             {n: t.clone() for n, t in model.state_dict().items()},
             {n: p.requires_grad for n, p in model.named_parameters()},
-            sorted(k for k in vars(model) if k in ("lora_config", "_peftkit_adapters")))
+            sorted(k for k in vars(model) if k in ("adapter_config", "_peftkit_adapters")))
 
 
 def assert_unchanged(model, before):
@@ -63,10 +62,10 @@ def trained_lora(tmp_path, **kwargs):
 
 def resave_with(path, extra=(), drop=()):
     """The same adapter file with some keys added (from a frozen base model) or removed."""
-    tensors, config = io.load_tensors(path)
+    tensors, config = adapter_files.load_tensors(path)
     base = dict(tiny_bert(seed=9).named_parameters())
     tensors = {**{k: v for k, v in tensors.items() if k not in drop}, **{k: base[k].detach() for k in extra}}
-    return io.save_tensors(tensors, path.with_name("edited.safetensors"), config)
+    return adapter_files.save_tensors(tensors, path.with_name("edited.safetensors"), config)
 
 
 # --- 1. only the technique's trained tensors may be loaded --------------------------------------
@@ -108,7 +107,7 @@ def test_lora_file_missing_a_key_is_refused(tmp_path):
 @pytest.mark.parametrize("injected", [False, True])
 def test_adapter_file_with_a_frozen_base_weight_is_refused(tmp_path, injected):
     trained = randomize_(add_adapters(tiny_bert(), "houlsby", reduction_factor=4, modules_to_save=["classifier"]))
-    path = save_adapters(trained, tmp_path / "adapters.safetensors")
+    path = adapters_module.save_adapter(trained, tmp_path / "adapters.safetensors")
     bad = resave_with(path, extra=[FROZEN_KEY, "bert.pooler.dense.weight"])
     model = tiny_bert(seed=1)
     if injected:
@@ -116,9 +115,9 @@ def test_adapter_file_with_a_frozen_base_weight_is_refused(tmp_path, injected):
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"unexpected keys \['bert.embeddings.word_embeddings.weight', "
                                          r"'bert.pooler.dense.weight'\]"):
-        load_adapters(model, bad)
+        adapters_module.load_adapter(model, bad)
     assert_unchanged(model, before)
-    load_adapters(model, path)  # the file as saved loads, bit-exactly
+    adapters_module.load_adapter(model, path)  # the file as saved loads, bit-exactly
     assert all(torch.equal(model.get_parameter(n), t) for n, t in adapter_state_dict(trained).items())
 
 
@@ -146,7 +145,7 @@ def test_adapter_state_dict_of_a_deep_copy_is_the_copys(tmp_path):
     twin = copy.deepcopy(model)
     for name, t in adapter_state_dict(twin).items():  # the twin's own tensors, not the original's
         assert t.data_ptr() == twin.get_parameter(name).data_ptr() != model.get_parameter(name).data_ptr()
-    load_adapters(twin, save_adapters(model, tmp_path / "a.safetensors"))
+    adapters_module.load_adapter(twin, adapters_module.save_adapter(model, tmp_path / "a.safetensors"))
     assert remove_adapters(twin) is twin and not any(isinstance(m, AdaptedSublayer) for m in twin.modules())
     assert any(isinstance(m, AdaptedSublayer) for m in model.modules())
 
@@ -241,15 +240,16 @@ def test_lora_load_interrupted_rolls_back(tmp_path, monkeypatch, error, injected
 
 @pytest.mark.parametrize("error", INTERRUPTS, ids=lambda e: type(e).__name__)
 def test_adapters_load_interrupted_rolls_back(tmp_path, monkeypatch, error):
-    path = save_adapters(add_adapters(tiny_bert(), "houlsby", reduction_factor=4), tmp_path / "a.safetensors")
+    path = adapters_module.save_adapter(add_adapters(tiny_bert(), "houlsby", reduction_factor=4),
+                                        tmp_path / "a.safetensors")
     model = tiny_bert(seed=1)
     before = snapshot(model)
 
     def fail(*args, **kwargs):
         raise error
-    monkeypatch.setattr(io, "copy_tensors", fail)
+    monkeypatch.setattr(adapter_files, "copy_tensors", fail)
     with pytest.raises(type(error)):
-        load_adapters(model, path)
+        adapters_module.load_adapter(model, path)
     assert_unchanged(model, before)
 
 
@@ -299,6 +299,24 @@ def test_add_adapters_interrupted_after_wrapping_rolls_back(monkeypatch, error):
     monkeypatch.undo()
     add_adapters(model, "houlsby", reduction_factor=4)  # and it can be added afterwards
     assert remove_adapters(model) is model
+
+
+@pytest.mark.parametrize("error", INTERRUPTS, ids=lambda e: type(e).__name__)
+def test_add_adapters_interrupted_while_swapping_in_rolls_back(monkeypatch, error):
+    model = tiny_bert()
+    model.bert.embeddings.requires_grad_(False)  # the user's own flags must come back too
+    before = snapshot(model)
+    real, calls = nn.Module.set_submodule, []
+
+    def third_call_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise error
+        return real(*args, **kwargs)
+    monkeypatch.setattr(nn.Module, "set_submodule", third_call_fails)
+    with pytest.raises(type(error)):
+        add_adapters(model, "houlsby", reduction_factor=4, modules_to_save=["classifier"])
+    assert_unchanged(model, before)
 
 
 def test_add_adapters_failing_while_building_changes_nothing(monkeypatch):
@@ -360,7 +378,7 @@ def test_entry_points_check_model_and_path_types(tmp_path):
     with pytest.raises(TypeError, match="torch.nn.Module"):
         load_adapter("bert", tmp_path / "x.safetensors")
     with pytest.raises(TypeError, match="torch.nn.Module"):
-        load_adapters(None, tmp_path / "x.safetensors")
+        adapters_module.load_adapter(None, tmp_path / "x.safetensors")
     with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
         load_adapter(tiny_bert(), 42)
     with pytest.raises(TypeError, match="base_model_name_or_path"):
@@ -464,8 +482,9 @@ def test_corrupt_file_error_names_the_path(tmp_path, damage, technique):
         _, path = trained_lora(tmp_path)
         load = load_adapter
     else:
-        path = save_adapters(add_adapters(tiny_bert(), "pfeiffer", reduction_factor=4), tmp_path / "a.safetensors")
-        load = load_adapters
+        path = adapters_module.save_adapter(add_adapters(tiny_bert(), "pfeiffer", reduction_factor=4),
+                                            tmp_path / "a.safetensors")
+        load = adapters_module.load_adapter
     data = path.read_bytes()
     path.write_bytes({"truncated": data[: len(data) - 100], "garbage": b"\x00not a safetensors file" * 50,
                       "empty": b""}[damage])
