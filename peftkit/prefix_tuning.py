@@ -18,33 +18,46 @@ After training, the MLP is run once and only its output, the key/value table, is
 
 Trained: the prefix encoder (the embedding, and the MLP when ``projection=True``).
 Frozen: every weight of the language model.
+
+Usage:
+    model = PrefixTuningModel(causal_lm, num_virtual_tokens=10)  # freezes causal_lm
+    model(input_ids=ids, labels=ids).loss.backward()  # gradients reach model.prefix_encoder only
+    save_adapter(model, "prefix.safetensors")  # the prefix encoder's tensors and model.adapter_config
+    load_adapter(PrefixTuningModel(causal_lm, num_virtual_tokens=10), "prefix.safetensors")
 """
 
 import inspect
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
-
-try:  # optional: lets a copy of this single file work in a project that has only torch
-    from .io import load_adapter, save_adapter
-except ImportError:
-    load_adapter = save_adapter = None
 
 # Families tested against peft: decoder-only, rotary positions, one cache object read by every layer.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
-def _kv_sizes(config) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim) of a decoder's config: the prefix's sizes."""
-    num_heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or num_heads, head_dim
+@dataclass
+class PrefixTuningConfig:
+    technique: ClassVar[str] = "prefix_tuning"  # the tag saved in adapter files
+    num_virtual_tokens: int = 10  # P, the prefix length (peft's num_virtual_tokens)
+    projection: bool = True  # produce the table with Li & Liang's MLP (peft's prefix_projection)
+    encoder_hidden_size: int | None = 512  # the MLP's hidden width; None without the MLP
+    # the model's sizes, read from it by PrefixTuningModel: a saved prefix loads only into a model of this shape
+    num_layers: int | None = None  # decoder layers, each with its own prefix
+    num_kv_heads: int | None = None  # key/value heads (fewer than the query heads with grouped-query attention)
+    head_dim: int | None = None  # the size of one head's key (and value)
 
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    def __post_init__(self):
+        _positive_int("num_virtual_tokens (the prefix length)", self.num_virtual_tokens)
+        self.projection = bool(self.projection)
+        if self.projection:
+            _positive_int("encoder_hidden_size", self.encoder_hidden_size)
+        else:
+            self.encoder_hidden_size = None  # no MLP, so no hidden size
+        for name in ("num_layers", "num_kv_heads", "head_dim"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
 
 
 class PrefixEncoder(nn.Module):
@@ -59,21 +72,17 @@ class PrefixEncoder(nn.Module):
     def __init__(self, num_layers, num_kv_heads, head_dim, num_virtual_tokens, projection=True,
                  encoder_hidden_size=512):
         super().__init__()
-        self.num_layers = _positive_int("num_layers", num_layers)
-        self.num_kv_heads = _positive_int("num_kv_heads", num_kv_heads)
-        self.head_dim = _positive_int("head_dim", head_dim)
-        self.num_virtual_tokens = _positive_int("num_virtual_tokens (the prefix length)", num_virtual_tokens)
-        self.projection = bool(projection)
+        c = PrefixTuningConfig(num_virtual_tokens, projection, encoder_hidden_size, num_layers, num_kv_heads, head_dim)
+        self.num_layers, self.num_kv_heads, self.head_dim = c.num_layers, c.num_kv_heads, c.head_dim  # all checked
+        self.num_virtual_tokens, self.projection = c.num_virtual_tokens, c.projection
         token_dim = num_kv_heads * head_dim  # one layer's keys (or values) for one position
         table_dim = num_layers * 2 * token_dim  # keys and values of all layers for one position
         if self.projection:
-            self.encoder_hidden_size = _positive_int("encoder_hidden_size", encoder_hidden_size)
             self.embedding = nn.Embedding(num_virtual_tokens, token_dim)
             self.transform = nn.Sequential(
                 nn.Linear(token_dim, encoder_hidden_size), nn.Tanh(), nn.Linear(encoder_hidden_size, table_dim)
             )
         else:
-            self.encoder_hidden_size = None
             self.embedding = nn.Embedding(num_virtual_tokens, table_dim)
 
     def table(self) -> torch.Tensor:
@@ -96,43 +105,20 @@ class PrefixTuningModel(nn.Module):
     ...) and returns its output; ``generate`` decodes greedily. ``position_ids`` given by the
     caller number the input from 0, as without a prefix; they are shifted by P, as peft does.
     ``cache_class`` is the model's cache class (default: ``transformers.DynamicCache``, imported
-    when first needed).
+    when first needed). The prefix's config is ``adapter_config``, a ``PrefixTuningConfig``.
     """
 
     def __init__(self, model, num_virtual_tokens=10, projection=True, encoder_hidden_size=512, cache_class=None):
         super().__init__()
-        config = getattr(model, "config", None)
-        model_type = getattr(config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"prefix-tuning supports decoder-only causal LMs of these families: {SUPPORTED_MODEL_TYPES} "
-                f"(e.g. SmolLM2, a LlamaForCausalLM); got {type(model).__name__} with model_type {model_type!r}. "
-                "Encoders such as BERT are not supported (their absolute positions would need explicit "
-                "position ids): use prompt tuning or P-tuning for them."
-            )
-        signature = inspect.signature(model.forward).parameters
-        # transformers 5.x renamed `past_key_values` to `cache`; accept whichever this model takes
-        self._cache_arg = next((a for a in ("cache", "past_key_values") if a in signature), None)
-        if self._cache_arg is None:
-            raise ValueError(f"{type(model).__name__}.forward takes no key/value cache, so it cannot take a prefix")
-        prefix_encoder = PrefixEncoder(  # checks the prefix length and sizes
-            *_kv_sizes(config), num_virtual_tokens, projection, encoder_hidden_size,
-        ).to(next(model.parameters()).device)
+        cache_arg = _cache_argument(model)  # refuses the families this file does not support
+        config = PrefixTuningConfig(num_virtual_tokens, projection, encoder_hidden_size,
+                                    *_kv_sizes(model.config))  # checks the prefix length and sizes
+        prefix_encoder = PrefixEncoder(**asdict(config)).to(next(model.parameters()).device)
         # everything is checked: only now is the model frozen
-        self.base_model = model
         for p in model.parameters():
             p.requires_grad_(False)
-        self.prefix_encoder = prefix_encoder
-        self.num_virtual_tokens = prefix_encoder.num_virtual_tokens
-        self.cache_class = cache_class
-
-    @property
-    def prefix_config(self) -> dict:
-        """What it takes to rebuild this prefix; saved with the adapter."""
-        e = self.prefix_encoder
-        return dict(technique="prefix_tuning", num_virtual_tokens=e.num_virtual_tokens, projection=e.projection,
-                    encoder_hidden_size=e.encoder_hidden_size, num_layers=e.num_layers,
-                    num_kv_heads=e.num_kv_heads, head_dim=e.head_dim)
+        self.base_model, self.prefix_encoder, self.adapter_config = model, prefix_encoder, config
+        self._cache_arg, self.cache_class = cache_arg, cache_class
 
     def prefix_cache(self, batch_size: int):
         """A cache holding the prefix keys and values of every layer, for ``batch_size`` sequences."""
@@ -149,22 +135,14 @@ class PrefixTuningModel(nn.Module):
 
     def _prefix_inputs(self, batch_size, seq_len, attention_mask, device):
         """Attention mask with the prefix positions always visible, and the matching position ids."""
+        P = self.adapter_config.num_virtual_tokens
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long, device=device)
         # positions count real tokens only, so left padding does not shift them; they start at P
         # because the model reads the prefix as P tokens already in its cache
-        position_ids = self.num_virtual_tokens + attention_mask.long().cumsum(-1) - 1  # (B, T)
-        prefix_mask = torch.ones(batch_size, self.num_virtual_tokens, dtype=attention_mask.dtype, device=device)
+        position_ids = P + attention_mask.long().cumsum(-1) - 1  # (B, T)
+        prefix_mask = torch.ones(batch_size, P, dtype=attention_mask.dtype, device=device)
         return torch.cat([prefix_mask, attention_mask], dim=1), position_ids  # (B, P + T), (B, T)
-
-    def _check_usable(self, kwargs):
-        if any(getattr(m, "gradient_checkpointing", False) for m in self.base_model.modules()):
-            raise ValueError(
-                "prefix-tuning does not work with gradient checkpointing: the checkpointed layers drop the cache "
-                "that carries the prefix. Turn activation (gradient) checkpointing off."
-            )
-        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
-            raise ValueError("the prefix is passed as the cache, so forward takes no cache; use generate() to decode")
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, position_ids=None, **kwargs):
         self._check_usable(kwargs)
@@ -179,7 +157,7 @@ class PrefixTuningModel(nn.Module):
             if position_ids.shape[-1] != seq_len:
                 raise ValueError(f"position_ids must have one position per input token ({seq_len}), "
                                  f"got shape {tuple(position_ids.shape)}")
-            position_ids = position_ids + self.num_virtual_tokens
+            position_ids = position_ids + self.adapter_config.num_virtual_tokens
         kwargs[self._cache_arg] = self.prefix_cache(batch_size)
         return self.base_model(
             input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
@@ -249,14 +227,81 @@ class PrefixTuningModel(nn.Module):
             e.embedding.weight.copy_(prefix.permute(3, 0, 1, 2, 4).reshape(e.num_virtual_tokens, -1))
         return wrapped
 
-    def save(self, path):
-        """Save the trained prefix (and its config) as one safetensors file; see ``peftkit.io``."""
-        if save_adapter is None:
-            raise ImportError("saving needs peftkit.io (and safetensors): use this file inside the peftkit package")
-        return save_adapter(self, path, config=self.prefix_config)
+    def _check_usable(self, kwargs):
+        if any(getattr(m, "gradient_checkpointing", False) for m in self.base_model.modules()):
+            raise ValueError("prefix-tuning does not work with gradient checkpointing: the checkpointed layers drop "
+                             "the cache that carries the prefix. Turn activation (gradient) checkpointing off.")
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            raise ValueError("the prefix is passed as the cache, so forward takes no cache; use generate() to decode")
 
-    def load(self, path) -> dict:
-        """Load a prefix saved by ``save`` into this wrapper (same config); returns the saved config."""
-        if load_adapter is None:
-            raise ImportError("loading needs peftkit.io (and safetensors): use this file inside the peftkit package")
-        return load_adapter(self, path)
+
+def _cache_argument(model) -> str:
+    """The name under which ``model.forward`` takes its key/value cache; refuses unsupported models."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"prefix-tuning supports decoder-only causal LMs of these families: {SUPPORTED_MODEL_TYPES} "
+                         f"(e.g. SmolLM2, a LlamaForCausalLM); got {type(model).__name__} with model_type "
+                         f"{model_type!r}. Encoders such as BERT are not supported (their absolute positions would "
+                         "need explicit position ids): use prompt tuning or P-tuning for them.")
+    signature = inspect.signature(model.forward).parameters
+    # transformers 5.x renamed `past_key_values` to `cache`; accept whichever this model takes
+    name = next((a for a in ("cache", "past_key_values") if a in signature), None)
+    if name is None:
+        raise ValueError(f"{type(model).__name__}.forward takes no key/value cache, so it cannot take a prefix")
+    return name
+
+
+def _kv_sizes(config) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) of a decoder's config: the prefix's sizes."""
+    num_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or num_heads, head_dim
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+# --- saving ---
+
+def _adapter_files():
+    """adapter_files.py (and safetensors) do the saving; the technique itself needs only torch."""
+    try:
+        from . import adapter_files
+    except ImportError:  # this file was copied into a project, beside adapter_files.py
+        import adapter_files
+    return adapter_files
+
+
+def adapter_state_dict(model: PrefixTuningModel) -> dict[str, torch.Tensor]:
+    """The tensors prefix-tuning trains, by their names in the wrapper: the prefix encoder's."""
+    if not isinstance(model, PrefixTuningModel):  # the prefix lives in the wrapper, not in the language model
+        raise TypeError(f"prefix-tuning saves and loads through the PrefixTuningModel that carries the prefix, got "
+                        f"{type(model).__name__}: wrap it first, e.g. PrefixTuningModel(model, num_virtual_tokens=10)")
+    return {name: p.detach() for name, p in model.prefix_encoder.named_parameters(prefix="prefix_encoder")}
+
+
+def save_adapter(model: PrefixTuningModel, path):
+    """Write the prefix encoder's tensors and ``model.adapter_config`` to one safetensors file."""
+    return _adapter_files().write_adapter(adapter_state_dict(model), path, model.adapter_config)
+
+
+def load_adapter(model: PrefixTuningModel, path) -> PrefixTuningConfig:
+    """Load a prefix written by ``save_adapter`` into ``model``; returns the file's config.
+
+    The file must be a prefix-tuning file whose config is ``model.adapter_config`` (same prefix
+    length, MLP or not, and a model of the same sizes). On any error the wrapper is left unchanged.
+    """
+    expected = adapter_state_dict(model).keys()
+    tensors, config = _adapter_files().read_adapter(path, PrefixTuningConfig)
+    saved, ours = asdict(config), asdict(model.adapter_config)
+    differences = [f"{name}: file {v!r}, model {ours[name]!r}" for name, v in saved.items() if v != ours[name]]
+    if differences:
+        raise ValueError(f"{path} holds a prefix this PrefixTuningModel cannot take ({'; '.join(differences)}). "
+                         "Wrap the model it was trained on as PrefixTuningModel(model, num_virtual_tokens="
+                         f"{config.num_virtual_tokens}, projection={config.projection}, "
+                         f"encoder_hidden_size={config.encoder_hidden_size})")
+    _adapter_files().copy_tensors(model, tensors, expected, source=path, config=saved)
+    return config

@@ -107,14 +107,15 @@ def test_prefix_tuning_bad_arguments_leave_the_model_trainable(kwargs):
     assert all(p.requires_grad for p in llama.parameters())
 
 
-def test_from_prefix_of_the_wrong_shape_leaves_the_model_trainable():
+@pytest.mark.parametrize("shape, match", [((2, 2, 4, 3, 8), r"\(2, 2, 2, 3, 8\)"),  # 4 heads, the model has 2
+                                          ((2, 2, 2, 0, 8), "num_virtual_tokens")], ids=["heads", "empty"])
+def test_from_prefix_of_the_wrong_shape_leaves_the_model_trainable(shape, match):
     llama = short_llama(seed=0)
     before = snapshot(llama)
-    with pytest.raises(ValueError, match=r"\(2, 2, 2, 3, 8\)"):
-        PrefixTuningModel.from_prefix(llama, torch.zeros(2, 2, 4, 3, 8))
-    with pytest.raises(ValueError, match="num_virtual_tokens"):
-        PrefixTuningModel.from_prefix(llama, torch.zeros(2, 2, 2, 0, 8))
+    with pytest.raises(ValueError, match=match):
+        PrefixTuningModel.from_prefix(llama, torch.zeros(shape))
     assert_unchanged(llama, before)
+    assert all(p.requires_grad for p in llama.parameters())
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -154,7 +155,8 @@ def test_p_tuning_bad_config_leaves_the_model_trainable(config, match):
 
 # --- (7) prefix-tuning: caller position ids are shifted by the prefix length -------------
 
-def test_caller_position_ids_give_the_default_paths_logits_and_peft_agrees():
+def prefix_pair():
+    """Our table prefix and peft's, holding the same random table, on one tiny Llama."""
     llama = short_llama(seed=0)
     ours = PrefixTuningModel(copy.deepcopy(llama), num_virtual_tokens=N, projection=False).eval()
     with warnings.catch_warnings():
@@ -163,25 +165,38 @@ def test_caller_position_ids_give_the_default_paths_logits_and_peft_agrees():
     with torch.no_grad():
         ours.prefix_encoder.embedding.weight.normal_()  # a non-trivial prefix
         theirs.prompt_encoder.default.embedding.weight.copy_(ours.prefix_encoder.embedding.weight)
-    input_ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(1))
+    return ours, theirs
+
+
+INPUT_IDS = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def test_caller_position_ids_give_the_default_paths_logits_and_peft_agrees():
+    ours, theirs = prefix_pair()
     positions = torch.arange(6).expand(2, -1)  # what the caller passes for unpadded rows
-    with torch.no_grad():
-        default = ours(input_ids=input_ids).logits
-        explicit = ours(input_ids=input_ids, position_ids=positions).logits
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            reference = theirs(input_ids=input_ids, position_ids=positions).logits
-    torch.testing.assert_close(explicit, default, rtol=0, atol=0)
+    explicit = ours(input_ids=INPUT_IDS, position_ids=positions).logits
+    torch.testing.assert_close(explicit, ours(input_ids=INPUT_IDS).logits, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = theirs(input_ids=INPUT_IDS, position_ids=positions).logits
     torch.testing.assert_close(explicit, reference, rtol=1e-5, atol=1e-5)
-    # A left-padded row, positions numbered as Hugging Face does (cumsum - 1): same real-token logits.
+
+
+@torch.no_grad()
+def test_hugging_face_positions_of_a_left_padded_row_give_the_default_logits():
+    ours, _ = prefix_pair()
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
-    hf_positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    with torch.no_grad():
-        default = ours(input_ids=input_ids, attention_mask=mask).logits
-        explicit = ours(input_ids=input_ids, attention_mask=mask, position_ids=hf_positions).logits
+    hf_positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as Hugging Face numbers them
+    default = ours(input_ids=INPUT_IDS, attention_mask=mask).logits
+    explicit = ours(input_ids=INPUT_IDS, attention_mask=mask, position_ids=hf_positions).logits
     torch.testing.assert_close(explicit[mask.bool()], default[mask.bool()], rtol=0, atol=0)
+
+
+def test_position_ids_of_another_length_are_refused():
+    ours, _ = prefix_pair()
     with pytest.raises(ValueError, match=r"position_ids must have one position per input token \(6\)"):
-        ours(input_ids=input_ids, position_ids=torch.arange(5)[None])
+        ours(input_ids=INPUT_IDS, position_ids=torch.arange(5)[None])
 
 
 # --- (8) prompt-tuning generate with several sequences per input -------------------------
