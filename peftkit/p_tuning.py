@@ -20,33 +20,58 @@ in the template (e.g. a "?"). Here, as in peft's ``PromptEncoder``, all N vector
 of the input and there are no anchors. Architecture and parameter names follow peft's
 ``PromptEncoder`` (``embedding``, ``lstm_head``, ``mlp_head``), so weights copy across.
 This file needs ``prompt_tuning.py`` beside it.
+
+    model = PTuningModel(classifier, PTuningConfig(num_virtual_tokens=20, kind="lstm"))
+    ...train (the encoder and the classifier head)...
+    save_adapter(model, "encoder.safetensors")     # to resume training
+    model.export_prompt()                          # keep only P = f(E)
+    save_adapter(model, "prompt.safetensors")      # to deploy: N x D numbers and the head
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 try:
-    from .prompt_tuning import PromptTuningModel, SoftPrompt, load_adapter
+    from .prompt_tuning import (PromptTuningModel, SoftPrompt, _adapter_files, _check_config, _check_wrapper,
+                                _module_names, _positive_int, adapter_state_dict, save_adapter)
 except ImportError:  # copied into a project as a plain file, beside prompt_tuning.py
-    from prompt_tuning import PromptTuningModel, SoftPrompt, load_adapter
-
-try:
-    from .io import load_tensors
-except ImportError:
-    load_tensors = None
+    from prompt_tuning import (PromptTuningModel, SoftPrompt, _adapter_files, _check_config, _check_wrapper,
+                               _module_names, _positive_int, adapter_state_dict, save_adapter)
 
 KINDS = ("lstm", "mlp")
 
 
 @dataclass
 class PTuningConfig:
+    """What a PTuningModel was built with; saved with the encoder (or its exported prompt)."""
+
+    technique: ClassVar[str] = "p_tuning"  # the tag saved in files
     num_virtual_tokens: int = 20  # N, the prompt length (peft's num_virtual_tokens)
     encoder_hidden_size: int | None = None  # H; None: the model's embedding size, as peft
     kind: str = "mlp"  # "mlp" (peft's default) or "lstm" (the paper's)
     num_layers: int = 2  # LSTM layers, or hidden layers of the MLP (peft's MLP has 2)
     dropout: float = 0.0  # between LSTM layers; the MLP has none
+    modules_to_save: list[str] | None = None  # trained in full, peft's rule; None: the classifier head if any
+    exported: bool = False  # True once export_prompt() has replaced the encoder by its output P
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        _positive_int("num_virtual_tokens", self.num_virtual_tokens)
+        if self.encoder_hidden_size is not None:
+            _positive_int("encoder_hidden_size", self.encoder_hidden_size)
+        _positive_int("num_layers", self.num_layers)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.kind == "mlp" and self.dropout:
+            raise ValueError(f"dropout={self.dropout} applies between LSTM layers; the MLP encoder has none: "
+                             "use kind='lstm' or dropout=0.0")
+        self.modules_to_save = _module_names(self.modules_to_save)
+        if not isinstance(self.exported, bool):
+            raise TypeError(f"exported must be True or False, got {self.exported!r}")
 
 
 class PromptEncoder(nn.Module):
@@ -54,17 +79,9 @@ class PromptEncoder(nn.Module):
 
     def __init__(self, num_virtual_tokens, token_dim, encoder_hidden_size, kind="mlp", num_layers=2, dropout=0.0):
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        for name, value in [("num_virtual_tokens", num_virtual_tokens), ("token_dim", token_dim),
-                            ("encoder_hidden_size", encoder_hidden_size), ("num_layers", num_layers)]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if kind == "mlp" and dropout:
-            raise ValueError(f"dropout={dropout} applies between LSTM layers; the MLP encoder has none: "
-                             "use kind='lstm' or dropout=0.0")
+        PTuningConfig(num_virtual_tokens, encoder_hidden_size, kind, num_layers, dropout)  # the config's checks
+        _positive_int("token_dim", token_dim)
+        _positive_int("encoder_hidden_size", encoder_hidden_size)  # given here: the model's width is not known
         self.num_virtual_tokens, self.token_dim, self.kind = num_virtual_tokens, token_dim, kind
         hidden = encoder_hidden_size
         self.embedding = nn.Embedding(num_virtual_tokens, token_dim)  # E
@@ -86,23 +103,33 @@ class PromptEncoder(nn.Module):
         return self.mlp_head(x)[0]  # (N, D)
 
 
-class PTuningModel(PromptTuningModel):
-    """Prompt tuning whose prompt comes from a :class:`PromptEncoder`; see :class:`PromptTuningModel`."""
+# --- injecting into a model ---
 
-    def __init__(self, model, config: PTuningConfig | None = None, modules_to_save=None):
-        config = config or PTuningConfig()
+class PTuningModel(PromptTuningModel):
+    """Prompt tuning whose prompt comes from a :class:`PromptEncoder`; see :class:`PromptTuningModel`.
+
+    The config it was built with is ``adapter_config``, a :class:`PTuningConfig` (with
+    ``encoder_hidden_size`` and ``modules_to_save`` filled in, and ``exported`` kept up to date).
+    A config with ``exported=True`` builds the model in its exported form.
+    """
+
+    def __init__(self, model, config: PTuningConfig | None = None):
+        config = PTuningConfig() if config is None else config
         if not isinstance(config, PTuningConfig):
             raise TypeError(f"config must be a PTuningConfig, got {type(config).__name__}")
         token_dim = model.get_input_embeddings().embedding_dim
-        hidden = token_dim if config.encoder_hidden_size is None else config.encoder_hidden_size
-        encoder = PromptEncoder(config.num_virtual_tokens, token_dim, hidden, config.kind, config.num_layers,
-                                config.dropout)  # checks every field before the model is touched
-        super().__init__(model, modules_to_save=modules_to_save, prompt_encoder=encoder)
-        self.config = config
+        if config.encoder_hidden_size is None:
+            config = replace(config, encoder_hidden_size=token_dim)
+        encoder = PromptEncoder(config.num_virtual_tokens, token_dim, config.encoder_hidden_size, config.kind,
+                                config.num_layers, config.dropout)
+        super().__init__(model, modules_to_save=config.modules_to_save, prompt_encoder=encoder)
+        self.adapter_config = replace(config, modules_to_save=self.adapter_config.modules_to_save, exported=False)
+        if config.exported:
+            self.export_prompt()
 
     @property
     def exported(self) -> bool:
-        return isinstance(self.prompt_encoder, SoftPrompt)
+        return self.adapter_config.exported
 
     def export_prompt(self) -> torch.Tensor:
         """Run the encoder once and keep only its output: the (N, D) prompt; returns a copy of it."""
@@ -113,40 +140,39 @@ class PTuningModel(PromptTuningModel):
             self.prompt_encoder = SoftPrompt(encoder.num_virtual_tokens, encoder.token_dim).to(prompt.device)
             with torch.no_grad():
                 self.prompt_encoder.embedding.weight.copy_(prompt)
+            self.adapter_config = replace(self.adapter_config, exported=True)
         return self.prompt_encoder().detach().clone()
 
-    def prompt_config(self) -> dict:
-        return {"technique": "p_tuning", **asdict(self.config), "exported": self.exported,
-                "modules_to_save": self.modules_to_save}
 
-    def load(self, path) -> dict:
-        """Load a checkpoint; an exported one (prompt only) first turns this model into its exported form.
+# --- saving ---
+# adapter_state_dict and save_adapter are prompt_tuning's (imported above): the file's
+# technique tag and config come from model.adapter_config, here a PTuningConfig.
 
-        The file is checked against the model before anything changes; on any failure the model
-        (its encoder included) is left as it was.
-        """
-        if load_tensors is None or load_adapter is None:
-            raise ImportError("load() uses peftkit/io.py; outside peftkit, use load_state_dict(strict=False)")
-        tensors, config = load_tensors(path)
-        if not config.get("exported") or self.exported:
-            return load_adapter(self, path)  # checks every key and shape before copying
-        encoder = self.prompt_encoder
-        # What the exported form of this model will hold: the (N, D) prompt and any trained head.
-        expected = {n: tuple(p.shape) for n, p in self.named_parameters()
-                    if p.requires_grad and not n.startswith("prompt_encoder.")}
-        expected["prompt_encoder.embedding.weight"] = (encoder.num_virtual_tokens, encoder.token_dim)
-        found = {k: tuple(v.shape) for k, v in tensors.items()}
-        if found != expected:
-            shapes = [f"{k}: file {found[k]} vs model {expected[k]}" for k in sorted(found.keys() & expected.keys())
-                      if found[k] != expected[k]]
-            raise ValueError(f"exported prompt file {path} does not fit this model: missing keys "
-                             f"{sorted(expected.keys() - found.keys())}, unexpected keys "
-                             f"{sorted(found.keys() - expected.keys())}, wrong shapes {shapes}. It was saved with "
-                             f"{config}; build the model with the same num_virtual_tokens and base model.")
-        was_training = encoder.training
-        try:
-            self.export_prompt()  # its values are replaced by the file's just below
-            return load_adapter(self, path)
-        except BaseException:
-            self.prompt_encoder = encoder.train(was_training)  # back to the encoder, as it was
-            raise
+def load_adapter(model, path) -> PTuningConfig:
+    """Copy a saved encoder, or an exported prompt, (and head) into ``model``; returns the file's config.
+
+    ``model`` must be a PTuningModel built with the file's num_virtual_tokens and modules_to_save
+    (and, for an encoder file, its encoder_hidden_size, kind and num_layers). An exported file
+    (the prompt only) first turns a model that is not yet exported into its exported form; an
+    exported model cannot take an encoder back. On any failure, even KeyboardInterrupt, the
+    model (its encoder included) is left as it was.
+    """
+    _check_wrapper(model, PTuningConfig)
+    files = _adapter_files()
+    tensors, saved = files.read_adapter(path, PTuningConfig)
+    if model.exported and not saved.exported:
+        raise ValueError(f"adapter file {path} holds a prompt encoder, but this model's prompt was exported "
+                         "(export_prompt()) and cannot take an encoder back: load it into a new PTuningModel")
+    fields = ["num_virtual_tokens", "modules_to_save"]
+    if not saved.exported:
+        fields += ["encoder_hidden_size", "kind", "num_layers"]
+    _check_config(path, saved, model.adapter_config, fields)
+    encoder, was_training, config = model.prompt_encoder, model.prompt_encoder.training, model.adapter_config
+    try:
+        if saved.exported:
+            model.export_prompt()  # its values are replaced by the file's just below
+        files.copy_tensors(model, tensors, source=path, config=asdict(saved))
+    except BaseException:
+        model.prompt_encoder, model.adapter_config = encoder.train(was_training), config  # back as it was
+        raise
+    return saved

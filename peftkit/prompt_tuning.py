@@ -17,20 +17,42 @@ Frozen: every weight of the model, including the embedding table.
 Initialisation (Lester et al., section 3): "random" draws N(0, 1) like peft (far from the
 scale of real embeddings); "vocab" copies rows of the embedding table for random token ids;
 "text" copies the embeddings of a tokenized phrase, repeated or cut to N tokens.
+
+    model = PromptTuningModel(classifier, num_virtual_tokens=20, init="text",
+                              init_text="Classify the topic:", tokenizer=tokenizer)
+    ...train (the prompt and the classifier head)...
+    save_adapter(model, "prompt.safetensors")      # N x D numbers and the head
+    load_adapter(PromptTuningModel(fresh_classifier, num_virtual_tokens=20), "prompt.safetensors")
 """
 
 import math
+from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-try:  # optional: lets a copy of this single file work in a project that has only torch
-    from .io import load_adapter, save_adapter
-except ImportError:
-    load_adapter = save_adapter = None
-
 INITS = ("random", "vocab", "text")
 HEAD_NAMES = ("classifier", "score")  # the fresh heads of HF classifiers, peft's modules_to_save
+
+
+@dataclass
+class PromptTuningConfig:
+    """What a PromptTuningModel was built with; saved with the prompt and checked when loading it."""
+
+    technique: ClassVar[str] = "prompt_tuning"  # the tag saved in files
+    num_virtual_tokens: int = 20  # N, the prompt length (peft's num_virtual_tokens)
+    token_dim: int | None = None  # D, the width of a prompt vector; None: the model's embedding size
+    init: str | None = "random"  # "random", "vocab" or "text" (see above); None: a prompt_encoder was given
+    modules_to_save: list[str] | None = None  # trained in full, peft's rule; None: the classifier head if any
+
+    def __post_init__(self):
+        _positive_int("num_virtual_tokens", self.num_virtual_tokens)
+        if self.token_dim is not None:
+            _positive_int("token_dim", self.token_dim)
+        if self.init is not None:
+            _check_init(self.init)
+        self.modules_to_save = _module_names(self.modules_to_save)
 
 
 class SoftPrompt(nn.Module):
@@ -39,56 +61,34 @@ class SoftPrompt(nn.Module):
     def __init__(self, num_virtual_tokens, token_dim, init="random", word_embeddings=None,
                  init_text=None, tokenizer=None):
         super().__init__()
-        if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
-            raise ValueError(f"num_virtual_tokens must be a positive integer, got {num_virtual_tokens!r}")
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        _positive_int("num_virtual_tokens", num_virtual_tokens)
+        _positive_int("token_dim", token_dim)
+        _check_init(init)
         self.num_virtual_tokens, self.token_dim = num_virtual_tokens, token_dim
         self.embedding = nn.Embedding(num_virtual_tokens, token_dim)  # N(0, 1): the "random" init
-        if init == "random":
-            return
-        if word_embeddings is None:
-            raise ValueError(f"init={init!r} copies rows of the model's embedding table: pass word_embeddings="
-                             "model.get_input_embeddings()")
-        if word_embeddings.embedding_dim != token_dim:
-            raise ValueError(f"token_dim={token_dim} does not match the model's embedding size "
-                             f"{word_embeddings.embedding_dim}: use token_dim={word_embeddings.embedding_dim}")
-        if init == "vocab":
-            token_ids = torch.randint(0, word_embeddings.num_embeddings, (num_virtual_tokens,))
-        else:
-            token_ids = self._text_ids(init_text, tokenizer, num_virtual_tokens)
-        with torch.no_grad():
-            rows = word_embeddings(token_ids.to(word_embeddings.weight.device))  # (N, D)
-            self.embedding.weight.copy_(rows.float())
-
-    @staticmethod
-    def _text_ids(init_text, tokenizer, n) -> torch.Tensor:
-        if tokenizer is None:
-            raise ValueError("init='text' needs the model's tokenizer: pass tokenizer=...")
-        if not init_text:
-            raise ValueError("init='text' needs a phrase to start from: pass init_text='...'")
-        ids = tokenizer(init_text)["input_ids"]  # with special tokens, as peft does
-        if not ids:
-            raise ValueError(f"init_text {init_text!r} tokenizes to no tokens")
-        ids = (ids * math.ceil(n / len(ids)))[:n]  # repeat a short phrase, cut a long one
-        return torch.tensor(ids, dtype=torch.long)
+        if init != "random":
+            token_ids = _init_token_ids(init, num_virtual_tokens, token_dim, word_embeddings, init_text, tokenizer)
+            with torch.no_grad():
+                rows = word_embeddings(token_ids.to(word_embeddings.weight.device))  # (N, D)
+                self.embedding.weight.copy_(rows.float())
 
     def forward(self) -> torch.Tensor:
         return self.embedding.weight  # (N, D)
 
 
-def _max_positions(model):
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
-
+# --- injecting into a model ---
 
 class PromptTuningModel(nn.Module):
     """A frozen Hugging Face model (encoder classifier or causal LM) that reads a soft prompt first.
 
-    ``modules_to_save``: names of child modules trained alongside the prompt; by default the
-    classifier head (``classifier`` or ``score``) when the model has one, as peft does for
-    sequence classification. Pass ``[]`` to train the prompt alone.
-    ``prompt_encoder``: any module whose ``forward()`` returns the (N, D) prompt; defaults to a
-    :class:`SoftPrompt`. P-tuning passes its reparameterising encoder here.
+    ``modules_to_save``: modules trained alongside the prompt, by peft's rule (a module's full
+    dotted name or its last dotted components); by default the classifier head (``classifier``
+    or ``score``) when the model has one, as peft does for sequence classification. Pass ``[]``
+    to train the prompt alone.
+    ``prompt_encoder``: any module whose ``forward()`` returns the (N, D) prompt and that has
+    ``num_virtual_tokens`` and ``token_dim``; defaults to a :class:`SoftPrompt`. P-tuning passes
+    its reparameterising encoder here.
+    The config it was built with is ``adapter_config``, a :class:`PromptTuningConfig`.
 
     Positions, as in peft: the prompt takes positions 0..N-1 and the input moves to N..N+T-1, so
     a model with learned absolute positions (BERT) has N fewer positions left for the input.
@@ -98,52 +98,34 @@ class PromptTuningModel(nn.Module):
                  token_dim=None, modules_to_save=None, prompt_encoder=None):
         super().__init__()
         word_embeddings = model.get_input_embeddings()
-        model_dim = word_embeddings.embedding_dim
-        self.init = init if prompt_encoder is None else None  # recorded in saved configs
         if prompt_encoder is None:
-            prompt_encoder = SoftPrompt(num_virtual_tokens, model_dim if token_dim is None else token_dim,
-                                        init, word_embeddings, init_text, tokenizer)
-        if prompt_encoder.token_dim != model_dim:
-            raise ValueError(f"the prompt has token_dim={prompt_encoder.token_dim} but the model's embedding "
-                             f"size is {model_dim}: use token_dim={model_dim}")
-        self.num_virtual_tokens = prompt_encoder.num_virtual_tokens
-        max_positions = _max_positions(model)
-        if max_positions is not None and self.num_virtual_tokens >= max_positions:
-            raise ValueError(f"num_virtual_tokens={self.num_virtual_tokens} leaves no room for input: the model "
-                             f"has max_position_embeddings={max_positions}; use fewer than {max_positions}")
-        children = dict(model.named_children())
-        if modules_to_save is None:
-            modules_to_save = [n for n in children if n in HEAD_NAMES]
-        if isinstance(modules_to_save, str):
-            raise TypeError(f"modules_to_save is a list of child names, got the string {modules_to_save!r}: "
-                            f"use [{modules_to_save!r}]")
-        for name in modules_to_save:
-            if name not in children:
-                raise ValueError(f"modules_to_save names {name!r}, but the model's children are {sorted(children)}")
+            dim = word_embeddings.embedding_dim if token_dim is None else token_dim
+            prompt_encoder = SoftPrompt(num_virtual_tokens, dim, init, word_embeddings, init_text, tokenizer)
+        else:
+            init = None  # the given encoder starts its prompt its own way
+        config = PromptTuningConfig(prompt_encoder.num_virtual_tokens, prompt_encoder.token_dim, init, modules_to_save)
+        _check_fits(model, prompt_encoder)
+        saved_names, saved_modules = _modules_to_save(model, config.modules_to_save)
         # HF's own test for a generating model (a causal LM); a classifier has no generate().
         self.is_causal_lm = bool(getattr(model, "can_generate", lambda: False)())
         # everything is checked: only now is the model changed
         model.requires_grad_(False)
-        for name in modules_to_save:
-            children[name].requires_grad_(True)
-        self.modules_to_save = list(modules_to_save)
+        for module in saved_modules:
+            module.requires_grad_(True)
+        self.adapter_config = replace(config, modules_to_save=saved_names)
         self.base_model = model
         self.prompt_encoder = prompt_encoder
 
-    def _check_length(self, seq_len):
-        max_positions = _max_positions(self.base_model)
-        if max_positions is not None and self.num_virtual_tokens + seq_len > max_positions:
-            raise ValueError(f"prompt ({self.num_virtual_tokens}) + input ({seq_len} tokens) = "
-                             f"{self.num_virtual_tokens + seq_len} positions, more than the model's "
-                             f"max_position_embeddings={max_positions}: truncate inputs to "
-                             f"{max_positions - self.num_virtual_tokens} tokens or use fewer virtual tokens")
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.adapter_config.num_virtual_tokens
 
     def prompt_inputs(self, input_ids, attention_mask=None):
         """The model inputs with the prompt in front: (inputs_embeds (B, N+T, D), attention_mask (B, N+T))."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         batch, seq_len = input_ids.shape
-        self._check_length(seq_len)
+        _check_length(self.base_model, self.num_virtual_tokens, seq_len)
         embeds = self.base_model.get_input_embeddings()(input_ids)  # (B, T, D)
         prompt = self.prompt_encoder().to(embeds.dtype)  # (N, D)
         prompt = prompt.unsqueeze(0).expand(batch, -1, -1)  # (B, N, D)
@@ -177,9 +159,7 @@ class PromptTuningModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """Generate after [prompt; input]; returns input_ids followed by the new tokens, like HF.
-
-        Batches of different lengths must be padded on the left, so every row ends at its last token.
-        """
+        Batches of different lengths must be padded on the left, so every row ends at its last token."""
         if not self.is_causal_lm:
             raise ValueError(f"generate needs a causal language model, not {type(self.base_model).__name__}")
         if kwargs.get("return_dict_in_generate"):
@@ -190,23 +170,136 @@ class PromptTuningModel(nn.Module):
         per_input = new_tokens.shape[0] // input_ids.shape[0]  # num_return_sequences, HF repeats each row k times
         return torch.cat([input_ids.repeat_interleave(per_input, dim=0), new_tokens], dim=1)
 
-    def prompt_state_dict(self) -> dict:
-        """The trained tensors (prompt, and head if trained) by name: all that a checkpoint needs."""
-        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
-    def prompt_config(self) -> dict:
-        return {"technique": "prompt_tuning", "num_virtual_tokens": self.num_virtual_tokens,
-                "token_dim": self.prompt_encoder.token_dim, "init": self.init,
-                "modules_to_save": self.modules_to_save}
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
-    def save(self, path):
-        """Write the trained tensors and the config to one safetensors file (via peftkit.io)."""
-        if save_adapter is None:
-            raise ImportError("save() uses peftkit/io.py; outside peftkit, torch.save(self.prompt_state_dict())")
-        return save_adapter(self, path, config=self.prompt_config())
 
-    def load(self, path) -> dict:
-        """Copy a saved prompt (and head) into this model; returns the saved config."""
-        if load_adapter is None:
-            raise ImportError("load() uses peftkit/io.py; outside peftkit, use load_state_dict(strict=False)")
-        return load_adapter(self, path)
+def _check_init(init):
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+
+
+def _module_names(names):
+    """modules_to_save as a list (None, the default, stays None)."""
+    if isinstance(names, str):
+        raise TypeError(f"modules_to_save is a list of module names, got the string {names!r}: use [{names!r}]")
+    return None if names is None else list(names)
+
+
+def _init_token_ids(init, n, token_dim, word_embeddings, init_text, tokenizer) -> torch.Tensor:
+    """The N token ids whose embeddings start the prompt: random ids ("vocab") or a phrase's ("text")."""
+    if word_embeddings is None:
+        raise ValueError(f"init={init!r} copies rows of the model's embedding table: pass word_embeddings="
+                         "model.get_input_embeddings()")
+    if word_embeddings.embedding_dim != token_dim:
+        raise ValueError(f"token_dim={token_dim} does not match the model's embedding size "
+                         f"{word_embeddings.embedding_dim}: use token_dim={word_embeddings.embedding_dim}")
+    if init == "vocab":
+        return torch.randint(0, word_embeddings.num_embeddings, (n,))
+    if tokenizer is None:
+        raise ValueError("init='text' needs the model's tokenizer: pass tokenizer=...")
+    if not init_text:
+        raise ValueError("init='text' needs a phrase to start from: pass init_text='...'")
+    ids = tokenizer(init_text)["input_ids"]  # with special tokens, as peft does
+    if not ids:
+        raise ValueError(f"init_text {init_text!r} tokenizes to no tokens")
+    ids = (ids * math.ceil(n / len(ids)))[:n]  # repeat a short phrase, cut a long one
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _max_positions(model):
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def _check_fits(model, prompt_encoder):
+    """The prompt has the model's width and leaves room for at least one input token."""
+    model_dim = model.get_input_embeddings().embedding_dim
+    if prompt_encoder.token_dim != model_dim:
+        raise ValueError(f"the prompt has token_dim={prompt_encoder.token_dim} but the model's embedding "
+                         f"size is {model_dim}: use token_dim={model_dim}")
+    n, max_positions = prompt_encoder.num_virtual_tokens, _max_positions(model)
+    if max_positions is not None and n >= max_positions:
+        raise ValueError(f"num_virtual_tokens={n} leaves no room for input: the model has "
+                         f"max_position_embeddings={max_positions}; use fewer than {max_positions}")
+
+
+def _check_length(model, n, seq_len):
+    max_positions = _max_positions(model)
+    if max_positions is not None and n + seq_len > max_positions:
+        raise ValueError(f"prompt ({n}) + input ({seq_len} tokens) = {n + seq_len} positions, more than the "
+                         f"model's max_position_embeddings={max_positions}: truncate inputs to "
+                         f"{max_positions - n} tokens or use fewer virtual tokens")
+
+
+def _matches(name, target):
+    """peft's rule: ``target`` is a module's full dotted name or its last dotted components."""
+    return name == target or name.endswith("." + target)
+
+
+def _modules_to_save(model, names):
+    """(names, the modules they match); names=None: the classifier heads the model has."""
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    if names is None:
+        names = [h for h in HEAD_NAMES if any(_matches(n, h) for n, _ in modules)]
+    for target in names:
+        if not any(_matches(n, target) for n, _ in modules):
+            raise ValueError(f"modules_to_save names {target!r}, but no module's name is or ends with it; the "
+                             f"model's top-level modules are {sorted(n for n, _ in model.named_children())}")
+    return list(names), [m for n, m in modules if any(_matches(n, t) for t in names)]
+
+
+# --- saving ---
+
+def _adapter_files():
+    """adapter_files.py (and safetensors) do the saving; the technique itself needs only torch."""
+    try:
+        from . import adapter_files
+    except ImportError:  # this file was copied into a project, beside adapter_files.py
+        import adapter_files
+    return adapter_files
+
+
+def _check_wrapper(model, config_class=None):
+    """``model`` is a PromptTuningModel (or PTuningModel) carrying ``config_class``'s technique."""
+    if not isinstance(model, PromptTuningModel):
+        raise TypeError(f"expected a PromptTuningModel or PTuningModel, got {type(model).__name__}: wrap the "
+                        "model first, e.g. PromptTuningModel(model, num_virtual_tokens=...)")
+    carried = model.adapter_config.technique
+    if config_class is not None and carried != config_class.technique:
+        raise ValueError(f"this {type(model).__name__} carries {carried}, not {config_class.technique}: load "
+                         f"its files with load_adapter from {carried}.py")
+
+
+def _check_config(path, saved, config, fields):
+    """Refuse a file whose config differs from the model's in ``fields``, naming each difference."""
+    differ = [f"{f} (file {getattr(saved, f)!r}, model {getattr(config, f)!r})" for f in fields
+              if getattr(saved, f) != getattr(config, f)]
+    if differ:
+        raise ValueError(f"adapter file {path} does not fit this model: its config differs in "
+                         f"{', '.join(differ)}. Build the wrapper with the file's config ({saved}) before loading.")
+
+
+def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    """The trained tensors (prompt, and head if trained) by name: all that a file holds."""
+    _check_wrapper(model)
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(model, path):
+    """Write the trained tensors and ``model.adapter_config`` to one safetensors file; returns its Path."""
+    _check_wrapper(model)
+    return _adapter_files().write_adapter(adapter_state_dict(model), path, model.adapter_config)
+
+
+def load_adapter(model, path) -> PromptTuningConfig:
+    """Copy a saved prompt (and head) into ``model``, a PromptTuningModel built with the file's
+    num_virtual_tokens, token_dim and modules_to_save (any init); returns the file's config.
+    Every check runs before anything is copied, and the copy is all or nothing."""
+    _check_wrapper(model, PromptTuningConfig)
+    files = _adapter_files()
+    tensors, saved = files.read_adapter(path, PromptTuningConfig)
+    _check_config(path, saved, model.adapter_config, ("num_virtual_tokens", "token_dim", "modules_to_save"))
+    files.copy_tensors(model, tensors, source=path, config=asdict(saved))
+    return saved

@@ -16,11 +16,10 @@ from peft import PrefixTuningConfig, get_peft_model
 from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers import models as token_models
 
-from peftkit import data, models
-from peftkit import p_tuning as p_tuning_module
+from peftkit import adapter_files, data, models, prompt_tuning
 from peftkit.data import (CausalLMCollator, ClassificationCollator, data_to_text, generation_batch,
                           topic_classification, topic_splits)
-from peftkit.p_tuning import PromptEncoder, PTuningConfig, PTuningModel
+from peftkit.p_tuning import PromptEncoder, PTuningConfig, PTuningModel, load_adapter, save_adapter
 from peftkit.prefix_tuning import PrefixTuningModel
 from peftkit.prompt_tuning import PromptTuningModel, SoftPrompt
 
@@ -58,40 +57,80 @@ def exported_file(tmp_path, hidden_size=32, n=N, export=True):
     model = PTuningModel(short_llama(seed=0, hidden_size=hidden_size), PTuningConfig(n, 16, "lstm"))
     if export:
         model.export_prompt()
-    return model.save(tmp_path / f"prompt-{hidden_size}-{n}.safetensors")
+    return save_adapter(model, tmp_path / f"prompt-{hidden_size}-{n}.safetensors")
 
 
-@pytest.mark.parametrize("hidden_size, n, export", [(48, N, True), (32, N + 1, True), (48, N, False)])
-def test_p_tuning_load_of_a_prompt_for_another_model_changes_nothing(tmp_path, hidden_size, n, export):
+@pytest.mark.parametrize("hidden_size, n, export, match", [
+    (48, N, True, r"wrong shapes.*prompt_encoder"),  # a prompt for a wider model: the shapes differ
+    (32, N + 1, True, r"its config differs in num_virtual_tokens \(file 5, model 4\)"),
+    (48, N, False, r"wrong shapes.*prompt_encoder"),
+])
+def test_p_tuning_load_of_a_prompt_for_another_model_changes_nothing(tmp_path, hidden_size, n, export, match):
     path = exported_file(tmp_path, hidden_size, n, export)
     model = PTuningModel(short_llama(seed=0, hidden_size=32), PTuningConfig(N, 16, "lstm")).train()
     encoder, before = model.prompt_encoder, snapshot(model)
-    with pytest.raises(ValueError, match=r"prompt-.*safetensors does not fit.*wrong shapes.*prompt_encoder"):
-        model.load(path)
+    with pytest.raises(ValueError, match=r"prompt-.*safetensors does not fit this model: .*" + match):
+        load_adapter(model, path)
     assert model.prompt_encoder is encoder and not model.exported
     assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("step", ["export", "copy"])
-def test_p_tuning_load_rolls_back_a_failure_at_each_step(tmp_path, monkeypatch, step):
+@pytest.mark.parametrize("step, error", [("export", OSError), ("copy", KeyboardInterrupt)])
+def test_p_tuning_load_rolls_back_a_failure_at_each_step(tmp_path, monkeypatch, step, error):
     path = exported_file(tmp_path)
     model = PTuningModel(short_llama(seed=0, hidden_size=32), PTuningConfig(N, 16, "lstm")).train()
-    encoder, before = model.prompt_encoder, snapshot(model)
+    encoder, config, before = model.prompt_encoder, model.adapter_config, snapshot(model)
 
     def fail(*args, **kwargs):
-        raise OSError("injected failure")
+        raise error("injected failure")
 
     if step == "export":
         monkeypatch.setattr(PromptEncoder, "forward", fail)
     else:
-        monkeypatch.setattr(p_tuning_module, "load_adapter", fail)
-    with pytest.raises(OSError, match="injected"):
-        model.load(path)
-    assert model.prompt_encoder is encoder and not model.exported
+        monkeypatch.setattr(adapter_files, "copy_tensors", fail)
+    with pytest.raises(error, match="injected"):
+        load_adapter(model, path)
+    assert model.prompt_encoder is encoder and model.adapter_config is config and not model.exported
     assert_unchanged(model, before)  # the encoder's training mode too (export switches it to eval)
+
+
+def test_p_tuning_load_of_an_exported_file_succeeds_after_a_rolled_back_failure(tmp_path, monkeypatch):
+    path = exported_file(tmp_path)
+    model = PTuningModel(short_llama(seed=0, hidden_size=32), PTuningConfig(N, 16, "lstm")).train()
+
+    def fail(self):
+        raise OSError("injected failure")
+
+    monkeypatch.setattr(PromptEncoder, "forward", fail)
+    with pytest.raises(OSError, match="injected"):
+        load_adapter(model, path)
     monkeypatch.undo()
-    model.load(path)  # the same file loads once nothing fails
+    load_adapter(model, path)  # the same file loads once nothing fails
     assert model.exported
+
+
+def test_prompt_tuning_load_interrupted_mid_copy_changes_nothing(tmp_path, monkeypatch):
+    bert = short_bert(seed=0)
+    trained = PromptTuningModel(copy.deepcopy(bert), num_virtual_tokens=N)
+    with torch.no_grad():
+        for p in prompt_tuning.adapter_state_dict(trained).values():
+            p.add_(1.0)  # stands in for training
+    path = prompt_tuning.save_adapter(trained, tmp_path / "prompt.safetensors")
+    model = PromptTuningModel(copy.deepcopy(bert), num_virtual_tokens=N)
+    before, real_copy, calls = snapshot(model), torch.Tensor.copy_, []
+
+    def interrupted_copy(self, *args, **kwargs):
+        calls.append(self)
+        if len(calls) == 2:  # the first tensor is already in: the copy must be undone
+            raise KeyboardInterrupt
+        return real_copy(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", interrupted_copy)
+    with pytest.raises(KeyboardInterrupt):
+        prompt_tuning.load_adapter(model, path)
+    monkeypatch.undo()
+    assert len(calls) > 2  # the values were put back
+    assert_unchanged(model, before)
 
 
 # --- (3) constructors: every argument checked before the base model is frozen ------------
@@ -136,16 +175,24 @@ def test_prompt_tuning_bad_arguments_leave_the_model_trainable(kwargs, error, ma
     assert_unchanged(bert, before)
 
 
-@pytest.mark.parametrize("config, match", [
-    (PTuningConfig(num_virtual_tokens=0), "num_virtual_tokens must be a positive integer"),
-    (PTuningConfig(num_virtual_tokens=40), "max_position_embeddings=32"),
-    (PTuningConfig(encoder_hidden_size=0), "encoder_hidden_size must be a positive integer"),
-    (PTuningConfig(kind="gru"), "kind must be one of"),
-    (PTuningConfig(kind="lstm", dropout=1.0), r"dropout must be in \[0, 1\)"),
-    (PTuningConfig(kind="lstm", dropout=None), r"dropout must be in \[0, 1\)"),
-    (PTuningConfig(num_layers=0), "num_layers must be a positive integer"),
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_virtual_tokens=0), "num_virtual_tokens must be a positive integer"),
+    (dict(encoder_hidden_size=0), "encoder_hidden_size must be a positive integer"),
+    (dict(kind="gru"), "kind must be one of"),
+    (dict(kind="lstm", dropout=1.0), r"dropout must be in \[0, 1\)"),
+    (dict(kind="lstm", dropout=None), r"dropout must be in \[0, 1\)"),
+    (dict(num_layers=0), "num_layers must be a positive integer"),
 ])
-def test_p_tuning_bad_config_leaves_the_model_trainable(config, match):
+def test_p_tuning_config_refuses_bad_fields_before_any_model_is_touched(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PTuningConfig(**kwargs)
+
+
+@pytest.mark.parametrize("config, match", [
+    (PTuningConfig(num_virtual_tokens=40), "max_position_embeddings=32"),
+    (PTuningConfig(modules_to_save=["head"]), "modules_to_save names 'head'"),
+])
+def test_p_tuning_config_that_does_not_fit_leaves_the_model_trainable(config, match):
     llama = short_llama(seed=0)
     before = snapshot(llama)
     with pytest.raises(ValueError, match=match):

@@ -7,8 +7,10 @@ import pytest
 import torch
 from peft import PromptEncoderConfig, TaskType, get_peft_model
 
-from peftkit.io import load_tensors
-from peftkit.p_tuning import PromptEncoder, PTuningConfig, PTuningModel
+from peftkit import prompt_tuning
+from peftkit.adapter_files import load_tensors
+from peftkit.p_tuning import (PromptEncoder, PTuningConfig, PTuningModel, adapter_state_dict, load_adapter,
+                              save_adapter)
 from peftkit.prompt_tuning import PromptTuningModel, SoftPrompt
 
 from tiny import short_bert, short_llama  # noqa: E402
@@ -30,7 +32,7 @@ def peft_and_ours(model, task_type, kind, num_layers=2, dropout=0.0):
 
 
 def num_trained(model):
-    return sum(t.numel() for t in model.prompt_state_dict().values())
+    return sum(t.numel() for t in adapter_state_dict(model).values())
 
 
 def batch(seq_len=7):
@@ -39,6 +41,20 @@ def batch(seq_len=7):
     attention_mask[1, seq_len - 2:] = 0
     return input_ids, attention_mask
 
+
+def values(model):
+    """Every parameter's value and requires_grad flag, to compare before and after a refused load."""
+    return {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+
+
+def assert_same_values(model, before):
+    after = values(model)
+    assert after.keys() == before.keys()
+    for name, (value, flag) in after.items():
+        assert flag == before[name][1] and torch.equal(value, before[name][0]), name
+
+
+# --- the formula: same prompt and logits as peft -----------------------------------------
 
 @pytest.mark.parametrize("kind,num_layers", [("lstm", 2), ("lstm", 1), ("mlp", 2)])
 def test_prompt_and_logits_match_peft(kind, num_layers):
@@ -53,8 +69,12 @@ def test_prompt_and_logits_match_peft(kind, num_layers):
     got = ours(input_ids, attention_mask, labels=labels)
     torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=0)
     torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=0)
-    expected_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    assert num_trained(ours) == expected_trainable
+
+
+@pytest.mark.parametrize("kind,num_layers", [("lstm", 2), ("lstm", 1), ("mlp", 2)])
+def test_trains_as_many_numbers_as_peft(kind, num_layers):
+    peft_model, ours = peft_and_ours(short_llama(), TaskType.CAUSAL_LM, kind, num_layers)
+    assert num_trained(ours) == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
 
 def test_bert_classifier_matches_peft():
@@ -64,15 +84,32 @@ def test_bert_classifier_matches_peft():
         warnings.simplefilter("ignore")
         expected = peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
     torch.testing.assert_close(ours(input_ids, attention_mask).logits, expected, rtol=0, atol=0)
-    assert {"base_model.classifier.weight", "base_model.classifier.bias"} <= set(ours.prompt_state_dict())
 
 
-def test_mlp_layers_and_default_hidden_size():
+def test_bert_classifier_trains_its_head():
+    model = PTuningModel(short_bert(), PTuningConfig(N, HIDDEN, "lstm"))
+    assert {"base_model.classifier.weight", "base_model.classifier.bias"} <= set(adapter_state_dict(model))
+    assert model.adapter_config.modules_to_save == ["classifier"]
+
+
+def test_mlp_has_one_linear_per_layer_and_one_out():
     encoder = PromptEncoder(N, 32, HIDDEN, kind="mlp", num_layers=3)
     linears = [m for m in encoder.mlp_head if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(32, 16), (16, 16), (16, 16), (16, 32)]
+
+
+def test_default_hidden_size_is_the_embedding_size_as_in_peft():
     model = PTuningModel(short_llama(), PTuningConfig(num_virtual_tokens=N, kind="lstm"))
-    assert model.prompt_encoder.lstm_head.hidden_size == 32  # peft's default: the model's embedding size
+    assert model.prompt_encoder.lstm_head.hidden_size == 32
+    assert model.adapter_config.encoder_hidden_size == 32  # the config records what was built
+
+
+def test_adapter_config_records_what_was_built():
+    config = PTuningConfig(N, HIDDEN, "lstm", dropout=0.5)
+    model = PTuningModel(short_llama(), config)
+    assert model.adapter_config == PTuningConfig(N, HIDDEN, "lstm", dropout=0.5, modules_to_save=[])
+    assert config.modules_to_save is None  # the caller's config is not changed
+    assert model.num_virtual_tokens == N and PTuningConfig.technique == "p_tuning"
 
 
 @pytest.mark.parametrize("kind", ["lstm", "mlp"])
@@ -87,57 +124,175 @@ def test_gradients_reach_only_the_encoder(kind):
             assert p.grad is None, name
 
 
-def test_export_keeps_only_the_prompt_as_peft_saves_it(tmp_path):
+# --- exporting the prompt -----------------------------------------------------------------
+
+@pytest.fixture
+def exported_pair():
+    """peft's LSTM P-tuning model and ours (dropout 0.5), ours exported in training mode, and its logits before."""
     peft_model, ours = peft_and_ours(short_llama(), TaskType.CAUSAL_LM, "lstm", dropout=0.5)
     input_ids, attention_mask = batch()
     before = ours(input_ids, attention_mask).logits
     prompt = ours.train().export_prompt()  # export must run the encoder without dropout even in training mode
-    ours.eval()
-    assert ours.exported and isinstance(ours.prompt_encoder, SoftPrompt)
-    torch.testing.assert_close(prompt, peft_model.get_prompt_embedding_to_save("default"), rtol=0, atol=0)
-    torch.testing.assert_close(ours(input_ids, attention_mask).logits, before, rtol=0, atol=0)
-    assert num_trained(ours) == N * 32
-    torch.testing.assert_close(ours.export_prompt(), prompt, rtol=0, atol=0)  # a second export changes nothing
+    return peft_model, ours.eval(), prompt, before, (input_ids, attention_mask)
 
-    path = ours.save(tmp_path / "prompt.safetensors")
-    tensors, config = load_tensors(path)
-    assert list(tensors) == ["prompt_encoder.embedding.weight"] and config["exported"] is True
+
+def test_export_gives_the_prompt_peft_saves(exported_pair):
+    peft_model, _, prompt, _, _ = exported_pair
+    torch.testing.assert_close(prompt, peft_model.get_prompt_embedding_to_save("default"), rtol=0, atol=0)
+
+
+def test_export_keeps_the_logits_and_only_the_prompt_trains(exported_pair):
+    _, ours, _, before, inputs = exported_pair
+    assert ours.exported and ours.adapter_config.exported and isinstance(ours.prompt_encoder, SoftPrompt)
+    torch.testing.assert_close(ours(*inputs).logits, before, rtol=0, atol=0)
+    assert num_trained(ours) == N * 32
+
+
+def test_a_second_export_changes_nothing(exported_pair):
+    _, ours, prompt, _, _ = exported_pair
+    torch.testing.assert_close(ours.export_prompt(), prompt, rtol=0, atol=0)
+
+
+def test_a_config_with_exported_builds_the_exported_form():
+    model = PTuningModel(short_llama(), PTuningConfig(N, HIDDEN, "lstm", exported=True))
+    assert model.exported and isinstance(model.prompt_encoder, SoftPrompt)
+    assert sorted(adapter_state_dict(model)) == ["prompt_encoder.embedding.weight"]
+
+
+# --- saving -------------------------------------------------------------------------------
+
+def test_the_exported_file_holds_only_the_prompt(exported_pair, tmp_path):
+    _, ours, _, _, _ = exported_pair
+    tensors, config = load_tensors(save_adapter(ours, tmp_path / "prompt.safetensors"))
+    assert list(tensors) == ["prompt_encoder.embedding.weight"]
+    assert config["technique"] == "p_tuning" and config["exported"] is True
+
+
+def test_loading_an_exported_file_exports_the_model_first(exported_pair, tmp_path):
+    _, ours, _, before, inputs = exported_pair
+    path = save_adapter(ours, tmp_path / "prompt.safetensors")
     fresh = PTuningModel(short_llama(), PTuningConfig(N, HIDDEN, "lstm", dropout=0.5))
     fresh.base_model.load_state_dict(ours.base_model.state_dict())
-    fresh.load(path)  # turns the fresh encoder into its exported form, then loads
+    assert load_adapter(fresh, path) == ours.adapter_config
     assert fresh.exported
-    torch.testing.assert_close(fresh.eval()(input_ids, attention_mask).logits, before, rtol=0, atol=0)
+    torch.testing.assert_close(fresh.eval()(*inputs).logits, before, rtol=0, atol=0)
 
 
-def test_save_and_load_before_export_are_exact(tmp_path):
+def test_an_exported_file_loads_whatever_the_encoder_was(exported_pair, tmp_path):
+    _, ours, prompt, _, _ = exported_pair
+    path = save_adapter(ours, tmp_path / "prompt.safetensors")
+    mlp = PTuningModel(short_llama(), PTuningConfig(N, 8, "mlp", num_layers=1))  # another encoder, the same N x D
+    load_adapter(mlp, path)
+    torch.testing.assert_close(mlp.prompt_encoder(), prompt, rtol=0, atol=0)
+
+
+@pytest.fixture
+def encoder_file(tmp_path):
+    """An MLP P-tuning Llama, its base model and its saved (not exported) encoder file."""
     llama = short_llama()
     model = PTuningModel(copy.deepcopy(llama), PTuningConfig(N, HIDDEN, "mlp"))
-    path = model.save(tmp_path / "encoder.safetensors")
+    return model, llama, save_adapter(model, tmp_path / "encoder.safetensors")
+
+
+def test_the_encoder_file_holds_the_encoder_and_its_config(encoder_file):
+    model, _, path = encoder_file
     tensors, config = load_tensors(path)
-    assert sorted(tensors) == sorted(model.prompt_state_dict()) and config["exported"] is False
+    assert sorted(tensors) == sorted(adapter_state_dict(model)) and config["exported"] is False
     assert config["kind"] == "mlp" and config["encoder_hidden_size"] == HIDDEN
+
+
+def test_save_and_load_before_export_are_exact(encoder_file):
+    model, llama, path = encoder_file
     torch.manual_seed(1)
     fresh = PTuningModel(copy.deepcopy(llama), PTuningConfig(N, HIDDEN, "mlp"))
     assert not torch.equal(fresh.prompt_encoder(), model.prompt_encoder())
-    fresh.load(path)
+    load_adapter(fresh, path)
     torch.testing.assert_close(fresh.prompt_encoder(), model.prompt_encoder(), rtol=0, atol=0)
+
+
+def test_an_exported_model_cannot_take_an_encoder_back(encoder_file):
+    _, llama, path = encoder_file
+    fresh = PTuningModel(copy.deepcopy(llama), PTuningConfig(N, HIDDEN, "mlp"))
     fresh.export_prompt()
-    with pytest.raises(ValueError, match="missing keys"):  # an exported model cannot take an encoder back
-        fresh.load(path)
+    before = values(fresh)
+    with pytest.raises(ValueError, match="cannot take an encoder back"):
+        load_adapter(fresh, path)
+    assert fresh.exported
+    assert_same_values(fresh, before)
 
 
-def test_bad_inputs_get_clear_errors():
-    with pytest.raises(ValueError, match="kind must be one of"):
-        PromptEncoder(N, 32, HIDDEN, kind="gru")
-    with pytest.raises(ValueError, match="MLP encoder has none"):
-        PromptEncoder(N, 32, HIDDEN, kind="mlp", dropout=0.1)
-    with pytest.raises(ValueError, match="num_layers must be a positive integer"):
-        PromptEncoder(N, 32, HIDDEN, kind="lstm", num_layers=0)
-    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
-        PromptEncoder(N, 32, HIDDEN, kind="lstm", dropout=1.0)
+@pytest.mark.parametrize("config, match", [
+    (PTuningConfig(N, HIDDEN, "lstm"), r"kind \(file 'mlp', model 'lstm'\)"),
+    (PTuningConfig(N, 2 * HIDDEN, "mlp"), r"encoder_hidden_size \(file 16, model 32\)"),
+    (PTuningConfig(N, HIDDEN, "mlp", num_layers=3), r"num_layers \(file 2, model 3\)"),
+])
+def test_load_names_how_an_encoder_file_differs(encoder_file, config, match):
+    _, llama, path = encoder_file
+    other = PTuningModel(copy.deepcopy(llama), config)
+    before = values(other)
+    with pytest.raises(ValueError, match="does not fit this model: its config differs in " + match):
+        load_adapter(other, path)
+    assert_same_values(other, before)
+
+
+def test_load_refuses_a_prompt_tuning_file_naming_both_techniques(tmp_path):
+    llama = short_llama()
+    path = save_adapter(PromptTuningModel(copy.deepcopy(llama), num_virtual_tokens=N), tmp_path / "pt.safetensors")
+    model = PTuningModel(copy.deepcopy(llama), PTuningConfig(N, HIDDEN, "lstm"))
+    encoder, before = model.prompt_encoder, values(model)
+    with pytest.raises(ValueError, match="holds a prompt_tuning adapter, not p_tuning"):
+        load_adapter(model, path)
+    assert model.prompt_encoder is encoder and not model.exported
+    assert_same_values(model, before)
+
+
+def test_each_load_adapter_refuses_the_other_techniques_wrapper(encoder_file, tmp_path):
+    model, llama, path = encoder_file
+    with pytest.raises(ValueError, match="this PTuningModel carries p_tuning, not prompt_tuning"):
+        prompt_tuning.load_adapter(model, path)
+    plain = PromptTuningModel(copy.deepcopy(llama), num_virtual_tokens=N)
+    with pytest.raises(ValueError, match="this PromptTuningModel carries prompt_tuning, not p_tuning"):
+        load_adapter(plain, save_adapter(plain, tmp_path / "pt.safetensors"))
+
+
+# --- clear errors -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(kind="gru"), ValueError, "kind must be one of"),
+    (dict(kind="mlp", dropout=0.1), ValueError, "MLP encoder has none"),
+    (dict(kind="lstm", num_layers=0), ValueError, "num_layers must be a positive integer"),
+    (dict(kind="lstm", dropout=1.0), ValueError, r"dropout must be in \[0, 1\)"),
+    (dict(num_virtual_tokens=0), ValueError, "num_virtual_tokens must be a positive integer"),
+    (dict(encoder_hidden_size=0), ValueError, "encoder_hidden_size must be a positive integer"),
+    (dict(modules_to_save="classifier"), TypeError, r"\['classifier'\]"),
+    (dict(exported="yes"), TypeError, "exported must be True or False"),
+])
+def test_config_checks_its_fields(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        PTuningConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(kind="gru"), "kind must be one of"),
+    (dict(kind="mlp", dropout=0.1), "MLP encoder has none"),
+    (dict(token_dim=0), "token_dim must be a positive integer"),
+    (dict(encoder_hidden_size=None), "encoder_hidden_size must be a positive integer"),
+])
+def test_prompt_encoder_checks_its_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PromptEncoder(**{"num_virtual_tokens": N, "token_dim": 32, "encoder_hidden_size": HIDDEN, **kwargs})
+
+
+def test_the_wrapper_takes_a_config_object():
     with pytest.raises(TypeError, match="PTuningConfig"):
         PTuningModel(short_llama(), {"num_virtual_tokens": N})
+
+
+def test_a_prompt_too_long_for_the_model_is_refused():
     with pytest.raises(ValueError, match="max_position_embeddings=32"):
         PTuningModel(short_llama(), PTuningConfig(num_virtual_tokens=40))
+
+
+def test_an_encoder_of_another_width_is_refused():
     with pytest.raises(ValueError, match="token_dim=64.*32"):
         PromptTuningModel(short_llama(), prompt_encoder=PromptEncoder(N, 64, HIDDEN))

@@ -6,10 +6,13 @@ import warnings
 import pytest
 import torch
 import transformers
-from peft import PromptTuningConfig, TaskType, get_peft_model
+from peft import PromptTuningConfig as PeftPromptTuningConfig
+from peft import TaskType, get_peft_model
 
-from peftkit.io import load_tensors
-from peftkit.prompt_tuning import PromptTuningModel, SoftPrompt
+from peftkit import p_tuning
+from peftkit.adapter_files import load_tensors
+from peftkit.prompt_tuning import (PromptTuningConfig, PromptTuningModel, SoftPrompt, adapter_state_dict, load_adapter,
+                                   save_adapter)
 
 from tiny import short_bert, short_llama  # noqa: E402
 
@@ -19,8 +22,8 @@ N = 5  # virtual tokens
 def peft_prompt_model(model, task_type, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's notes about ignored position ids
-        return get_peft_model(copy.deepcopy(model), PromptTuningConfig(task_type=task_type, num_virtual_tokens=N,
-                                                                       **kwargs)).eval()
+        config = PeftPromptTuningConfig(task_type=task_type, num_virtual_tokens=N, **kwargs)
+        return get_peft_model(copy.deepcopy(model), config).eval()
 
 
 def ours_with_peft_prompt(model, peft_model):
@@ -37,6 +40,20 @@ def batch(seq_len=7):
     return input_ids, attention_mask
 
 
+def values(model):
+    """Every parameter's value and requires_grad flag, to compare before and after a refused load."""
+    return {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+
+
+def assert_same_values(model, before):
+    after = values(model)
+    assert after.keys() == before.keys()
+    for name, (value, flag) in after.items():
+        assert flag == before[name][1] and torch.equal(value, before[name][0]), name
+
+
+# --- the formula: same logits as peft ---------------------------------------------------
+
 def test_bert_classifier_matches_peft():
     bert = short_bert()
     peft_model = peft_prompt_model(bert, TaskType.SEQ_CLS)
@@ -52,11 +69,6 @@ def test_bert_classifier_matches_peft():
     got = ours(input_ids, attention_mask, labels=labels, token_type_ids=token_type_ids)
     torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=0)
     torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=0)
-    # peft trains the prompt and (a copy of) the classifier head: so do we, with the same sizes
-    expected_trainable = sorted(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    assert sorted(p.numel() for p in ours.parameters() if p.requires_grad) == expected_trainable
-    assert sorted(ours.prompt_state_dict()) == ["base_model.classifier.bias", "base_model.classifier.weight",
-                                                "prompt_encoder.embedding.weight"]
 
 
 def test_llama_matches_peft():
@@ -72,8 +84,24 @@ def test_llama_matches_peft():
     assert got.logits.shape == (2, N + 7, 100)
     torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=0)
     torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=0)
-    assert sum(t.numel() for t in ours.prompt_state_dict().values()) == N * 32
 
+
+@pytest.mark.parametrize("build, task_type, expected_names", [
+    (short_bert, TaskType.SEQ_CLS, ["base_model.classifier.bias", "base_model.classifier.weight",
+                                    "prompt_encoder.embedding.weight"]),
+    (short_llama, TaskType.CAUSAL_LM, ["prompt_encoder.embedding.weight"]),
+])
+def test_trains_what_peft_trains(build, task_type, expected_names):
+    model = build()
+    peft_model = peft_prompt_model(model, task_type)
+    ours = ours_with_peft_prompt(model, peft_model)
+    # peft trains the prompt and (a copy of) a classifier's head: so do we, with the same sizes
+    expected_sizes = sorted(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert sorted(p.numel() for p in ours.parameters() if p.requires_grad) == expected_sizes
+    assert sorted(adapter_state_dict(ours)) == expected_names
+
+
+# --- mask, labels and segments get the prompt's positions ---------------------------------
 
 def capture_model_kwargs(wrapper):
     seen = {}
@@ -81,7 +109,7 @@ def capture_model_kwargs(wrapper):
     return seen
 
 
-def test_mask_labels_and_segments_are_padded_for_the_prompt():
+def test_language_model_inputs_get_the_prompt_in_front():
     llama = PromptTuningModel(short_llama(), num_virtual_tokens=N)
     seen = capture_model_kwargs(llama)
     input_ids, attention_mask = batch()
@@ -93,12 +121,18 @@ def test_mask_labels_and_segments_are_padded_for_the_prompt():
                                                                   attention_mask], dim=1))
     torch.testing.assert_close(seen["labels"], torch.cat([torch.full((2, N), -100), labels], dim=1))
 
-    # with no mask given, every position is attended
-    llama(input_ids)
+
+def test_without_a_mask_every_position_is_attended():
+    llama = PromptTuningModel(short_llama(), num_virtual_tokens=N)
+    seen = capture_model_kwargs(llama)
+    llama(batch()[0])
     torch.testing.assert_close(seen["attention_mask"], torch.ones(2, N + 7, dtype=torch.long))
 
+
+def test_classifier_labels_pass_and_segments_get_zeros_for_the_prompt():
     bert = PromptTuningModel(short_bert(), num_virtual_tokens=N)
     seen = capture_model_kwargs(bert)
+    input_ids, attention_mask = batch()
     token_type_ids = torch.ones_like(input_ids)
     class_labels = torch.tensor([1, 0])
     bert(input_ids, attention_mask, labels=class_labels, token_type_ids=token_type_ids)
@@ -106,14 +140,18 @@ def test_mask_labels_and_segments_are_padded_for_the_prompt():
     torch.testing.assert_close(seen["token_type_ids"], torch.cat([torch.zeros(2, N, dtype=torch.long),
                                                                   token_type_ids], dim=1))
 
-    # a token tagger has one label per token too: the prompt positions get -100
+
+def test_token_tagger_labels_get_minus_100_for_the_prompt():
     tagger = PromptTuningModel(short_bert(model_class=transformers.BertForTokenClassification, num_hidden_layers=1,
                                           num_labels=4, eval_mode=False), num_virtual_tokens=N)
     seen = capture_model_kwargs(tagger)
+    input_ids, attention_mask = batch()
     tags = torch.randint(0, 4, input_ids.shape)
     assert tagger(input_ids, attention_mask, labels=tags).logits.shape == (2, N + 7, 4)
     torch.testing.assert_close(seen["labels"], torch.cat([torch.full((2, N), -100), tags], dim=1))
 
+
+# --- generate ---------------------------------------------------------------------------
 
 def greedy_without_cache(wrapper, input_ids, steps):
     for _ in range(steps):
@@ -123,62 +161,97 @@ def greedy_without_cache(wrapper, input_ids, steps):
     return input_ids
 
 
-def test_generate_with_prompt():
+@pytest.fixture
+def llama_pair():
     llama = short_llama()
     peft_model = peft_prompt_model(llama, TaskType.CAUSAL_LM)
-    ours = ours_with_peft_prompt(llama, peft_model)
+    return peft_model, ours_with_peft_prompt(llama, peft_model)
+
+
+def test_generate_equals_greedy_decoding_without_cache(llama_pair):
+    _, ours = llama_pair
     input_ids = torch.randint(3, 100, (2, 6))
     out = ours.generate(input_ids, max_new_tokens=5, do_sample=False)
     assert out.shape == (2, 11)
     torch.testing.assert_close(out, greedy_without_cache(ours, input_ids, 5), rtol=0, atol=0)
+
+
+def test_generate_first_token_matches_peft(llama_pair):
+    peft_model, ours = llama_pair
+    input_ids = torch.randint(3, 100, (2, 6))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         first = peft_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                     max_new_tokens=1, do_sample=False)
     # Only the first token is compared: with transformers 5.x (cache argument renamed to `cache`),
     # peft 0.21 re-inserts the prompt at every cached decoding step, so its later tokens drift.
-    torch.testing.assert_close(out[:, :7], first, rtol=0, atol=0)
-    # rows of different lengths, padded on the left, continue as they do alone
+    torch.testing.assert_close(ours.generate(input_ids, max_new_tokens=1, do_sample=False), first, rtol=0, atol=0)
+
+
+def test_generate_left_padded_rows_continue_as_they_do_alone(llama_pair):
+    _, ours = llama_pair
+    input_ids = torch.randint(3, 100, (2, 6))
     short = input_ids[1:, 2:]
     padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), short], dim=1)
-    together = ours.generate(torch.cat([input_ids[:1], padded]), torch.cat([torch.ones(1, 6, dtype=torch.long),
-                                                                            (padded != 0).long()]),
-                             max_new_tokens=3, do_sample=False)
+    mask = torch.cat([torch.ones(1, 6, dtype=torch.long), (padded != 0).long()])
+    together = ours.generate(torch.cat([input_ids[:1], padded]), mask, max_new_tokens=3, do_sample=False)
     alone = ours.generate(short, max_new_tokens=3, do_sample=False)
     torch.testing.assert_close(together[1, 6:], alone[0, 4:], rtol=0, atol=0)
 
 
-def test_inits_match_peft_and_the_vocabulary(tmp_path):
+# --- initialisation -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("init, peft_init", [("random", "RANDOM"), ("vocab", "SAMPLE_VOCAB")])
+def test_random_and_vocab_inits_match_peft(init, peft_init):
+    bert = short_bert()
+    torch.manual_seed(1)
+    expected = peft_prompt_model(bert, TaskType.SEQ_CLS, prompt_tuning_init=peft_init)
+    torch.manual_seed(1)
+    got = PromptTuningModel(copy.deepcopy(bert), num_virtual_tokens=N, init=init)
+    torch.testing.assert_close(got.prompt_encoder.embedding.weight,
+                               expected.prompt_encoder.default.embedding.weight, rtol=0, atol=0)
+
+
+def test_every_vocab_row_is_a_row_of_the_embedding_table():
     bert = short_bert()
     table = bert.get_input_embeddings().weight
-    for init, peft_init in [("random", "RANDOM"), ("vocab", "SAMPLE_VOCAB")]:
-        torch.manual_seed(1)
-        expected = peft_prompt_model(bert, TaskType.SEQ_CLS, prompt_tuning_init=peft_init)
-        torch.manual_seed(1)
-        got = PromptTuningModel(copy.deepcopy(bert), num_virtual_tokens=N, init=init)
-        torch.testing.assert_close(got.prompt_encoder.embedding.weight,
-                                   expected.prompt_encoder.default.embedding.weight, rtol=0, atol=0)
-    # every "vocab" row is a row of the embedding table
+    got = PromptTuningModel(bert, num_virtual_tokens=N, init="vocab")
     same_row = (got.prompt_encoder.embedding.weight[:, None] == table[None]).all(dim=-1)  # (N, vocab)
     assert same_row.any(dim=1).all()
 
+
+@pytest.fixture
+def word_tokenizer(tmp_path):
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "classify", "the", "topic", "of", "this", "news"]
     (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
     tokenizer = transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
     tokenizer.save_pretrained(tmp_path / "tok")
-    for text in ["classify the topic", "classify the topic of this news"]:  # 5 tokens repeated; 8 cut to N
-        expected = peft_prompt_model(bert, TaskType.SEQ_CLS, prompt_tuning_init="TEXT", prompt_tuning_init_text=text,
-                                     tokenizer_name_or_path=str(tmp_path / "tok"))
-        for n in [N, 2 * N + 1]:
-            got = SoftPrompt(n, 32, init="text", word_embeddings=bert.get_input_embeddings(), init_text=text,
-                             tokenizer=tokenizer)
-            ids = tokenizer(text)["input_ids"]
-            torch.testing.assert_close(got(), table[[ids[i % len(ids)] for i in range(n)]], rtol=0, atol=0)
-        got = PromptTuningModel(copy.deepcopy(bert), num_virtual_tokens=N, init="text", init_text=text,
-                                tokenizer=tokenizer)
-        torch.testing.assert_close(got.prompt_encoder.embedding.weight,
-                                   expected.prompt_encoder.default.embedding.weight, rtol=0, atol=0)
+    return tokenizer, str(tmp_path / "tok")
 
+
+@pytest.mark.parametrize("text", ["classify the topic", "classify the topic of this news"])  # 5 tokens; 8 cut to N
+def test_text_init_matches_peft(word_tokenizer, text):
+    tokenizer, folder = word_tokenizer
+    bert = short_bert()
+    expected = peft_prompt_model(bert, TaskType.SEQ_CLS, prompt_tuning_init="TEXT", prompt_tuning_init_text=text,
+                                 tokenizer_name_or_path=folder)
+    got = PromptTuningModel(copy.deepcopy(bert), num_virtual_tokens=N, init="text", init_text=text,
+                            tokenizer=tokenizer)
+    torch.testing.assert_close(got.prompt_encoder.embedding.weight,
+                               expected.prompt_encoder.default.embedding.weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [N, 2 * N + 1])
+def test_text_init_repeats_a_short_phrase_and_cuts_a_long_one(word_tokenizer, n):
+    tokenizer, _ = word_tokenizer
+    table = short_bert().get_input_embeddings()
+    for text in ["classify the topic", "classify the topic of this news"]:
+        got = SoftPrompt(n, 32, init="text", word_embeddings=table, init_text=text, tokenizer=tokenizer)
+        ids = tokenizer(text)["input_ids"]
+        torch.testing.assert_close(got(), table.weight[[ids[i % len(ids)] for i in range(n)]], rtol=0, atol=0)
+
+
+# --- what trains --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("modules_to_save", [None, []])
 def test_gradients_reach_only_the_prompt_and_head(modules_to_save):
@@ -195,56 +268,137 @@ def test_gradients_reach_only_the_prompt_and_head(modules_to_save):
         assert torch.equal(p, before[name]) != trained, name
 
 
-def test_save_and_load_are_exact(tmp_path):
+@pytest.mark.parametrize("target", ["bert.pooler.dense", "pooler.dense", "dense"])
+def test_modules_to_save_names_a_full_name_or_its_last_components(target):
+    model = PromptTuningModel(short_bert(), num_virtual_tokens=N, modules_to_save=[target])
+    trained = {n for n, p in model.base_model.named_parameters() if p.requires_grad}
+    matched = {n for n, _ in model.base_model.named_modules() if n == target or n.endswith("." + target)}
+    assert trained == {f"{m}.{p}" for m in matched for p in ("weight", "bias")}
+    assert model.adapter_config.modules_to_save == [target]
+
+
+def test_adapter_config_records_what_was_built():
+    model = PromptTuningModel(short_bert(), num_virtual_tokens=N, init="vocab")
+    assert model.adapter_config == PromptTuningConfig(num_virtual_tokens=N, token_dim=32, init="vocab",
+                                                      modules_to_save=["classifier"])
+    assert model.num_virtual_tokens == N and PromptTuningConfig.technique == "prompt_tuning"
+
+
+# --- saving -------------------------------------------------------------------------------
+
+@pytest.fixture
+def trained(tmp_path):
+    """A trained-looking prompt-tuned BERT, its base model and its saved file."""
     bert = short_bert()
     model = PromptTuningModel(copy.deepcopy(bert), num_virtual_tokens=N, init="vocab")
     with torch.no_grad():
-        for p in model.prompt_state_dict().values():
+        for p in adapter_state_dict(model).values():
             p.add_(torch.randn_like(p))  # stands in for training
-    path = model.save(tmp_path / "prompt.safetensors")
-    tensors, config = load_tensors(path)
-    assert sorted(tensors) == sorted(model.prompt_state_dict())
-    assert config["num_virtual_tokens"] == N and config["init"] == "vocab"
+    return model, bert, save_adapter(model, tmp_path / "prompt.safetensors")
 
-    fresh = PromptTuningModel(copy.deepcopy(bert), num_virtual_tokens=N)
+
+def test_the_file_holds_the_trained_tensors_and_the_tagged_config(trained):
+    model, _, path = trained
+    tensors, config = load_tensors(path)
+    assert sorted(tensors) == sorted(adapter_state_dict(model))
+    assert config == {"technique": "prompt_tuning", "num_virtual_tokens": N, "token_dim": 32, "init": "vocab",
+                      "modules_to_save": ["classifier"]}
+
+
+def test_save_and_load_round_trip_is_exact(trained):
+    model, bert, path = trained
+    fresh = PromptTuningModel(copy.deepcopy(bert), num_virtual_tokens=N)  # another init: the file's values win
     assert not torch.equal(fresh.prompt_encoder(), model.prompt_encoder())
-    assert fresh.load(path) == config
-    for name, tensor in model.prompt_state_dict().items():
-        torch.testing.assert_close(fresh.prompt_state_dict()[name], tensor, rtol=0, atol=0)
+    assert load_adapter(fresh, path) == model.adapter_config
+    for name, tensor in adapter_state_dict(model).items():
+        torch.testing.assert_close(adapter_state_dict(fresh)[name], tensor, rtol=0, atol=0)
     input_ids, attention_mask = batch()
     torch.testing.assert_close(fresh.eval()(input_ids, attention_mask).logits,
                                model.eval()(input_ids, attention_mask).logits, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="wrong shapes"):
-        PromptTuningModel(copy.deepcopy(bert), num_virtual_tokens=N + 1).load(path)
 
 
-def test_bad_inputs_get_clear_errors():
-    bert, llama = short_bert(), short_llama()
-    with pytest.raises(ValueError, match="max_position_embeddings=32"):
-        PromptTuningModel(bert, num_virtual_tokens=32)
-    model = PromptTuningModel(bert, num_virtual_tokens=30)
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_virtual_tokens=N + 1), r"num_virtual_tokens \(file 5, model 6\)"),
+    (dict(num_virtual_tokens=N, modules_to_save=[]), r"modules_to_save \(file \['classifier'\], model \[\]\)"),
+])
+def test_load_refuses_a_file_of_another_config_and_changes_nothing(trained, kwargs, match):
+    _, bert, path = trained
+    other = PromptTuningModel(copy.deepcopy(bert), **kwargs)
+    before = values(other)
+    with pytest.raises(ValueError, match="does not fit this model: its config differs in " + match):
+        load_adapter(other, path)
+    assert_same_values(other, before)
+
+
+def test_load_refuses_a_p_tuning_file_naming_both_techniques(tmp_path):
+    bert = short_bert()
+    path = save_adapter(p_tuning.PTuningModel(copy.deepcopy(bert), p_tuning.PTuningConfig(N)), tmp_path / "p.safetensors")
+    model = PromptTuningModel(copy.deepcopy(bert), num_virtual_tokens=N)
+    before = values(model)
+    with pytest.raises(ValueError, match="holds a p_tuning adapter, not prompt_tuning"):
+        load_adapter(model, path)
+    assert_same_values(model, before)
+
+
+def test_saving_and_loading_need_the_wrapper(trained):
+    _, bert, path = trained
+    with pytest.raises(TypeError, match="wrap the model first"):
+        save_adapter(bert, path)
+    with pytest.raises(TypeError, match="wrap the model first"):
+        load_adapter(bert, path)
+
+
+# --- clear errors -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(num_virtual_tokens=0), ValueError, "num_virtual_tokens must be a positive integer"),
+    (dict(num_virtual_tokens=2.5), ValueError, "num_virtual_tokens must be a positive integer"),
+    (dict(token_dim=0), ValueError, "token_dim must be a positive integer"),
+    (dict(init="zeros"), ValueError, "init must be one of"),
+    (dict(modules_to_save="classifier"), TypeError, r"\['classifier'\]"),
+])
+def test_config_checks_its_fields(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        PromptTuningConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_virtual_tokens=32), "max_position_embeddings=32"),
+    (dict(init="text", init_text="classify the topic"), "tokenizer"),
+    (dict(token_dim=64), "token_dim=64.*32"),
+    (dict(init="vocab", token_dim=64), "token_dim=64.*32"),
+    (dict(prompt_encoder=SoftPrompt(N, 16)), "token_dim=16.*32"),
+    (dict(init="zeros"), "init must be one of"),
+    (dict(num_virtual_tokens=0), "positive integer"),
+    (dict(modules_to_save=["head"]), "modules_to_save names 'head'"),
+    (dict(modules_to_save=["ooler.dense"]), "modules_to_save names 'ooler.dense'"),  # whole components only
+])
+def test_wrapper_arguments_get_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PromptTuningModel(short_bert(), **{"num_virtual_tokens": N, **kwargs})
+
+
+def test_text_init_without_a_phrase_is_refused():
+    with pytest.raises(ValueError, match="init_text"):
+        SoftPrompt(N, 32, init="text", word_embeddings=short_bert().get_input_embeddings(), tokenizer=lambda text: None)
+
+
+def test_an_input_too_long_for_the_positions_left_is_refused():
+    model = PromptTuningModel(short_bert(), num_virtual_tokens=30)
     with pytest.raises(ValueError, match=r"prompt \(30\) \+ input \(7 tokens\) = 37 positions.*truncate inputs to 2"):
         model(*batch())
-    with pytest.raises(ValueError, match="tokenizer"):
-        PromptTuningModel(bert, num_virtual_tokens=N, init="text", init_text="classify the topic")
-    with pytest.raises(ValueError, match="init_text"):
-        SoftPrompt(N, 32, init="text", word_embeddings=bert.get_input_embeddings(), tokenizer=lambda text: None)
-    with pytest.raises(ValueError, match="token_dim=64.*32"):
-        PromptTuningModel(bert, num_virtual_tokens=N, token_dim=64)
-    with pytest.raises(ValueError, match="token_dim=64.*32"):
-        PromptTuningModel(bert, num_virtual_tokens=N, init="vocab", token_dim=64)
-    with pytest.raises(ValueError, match="token_dim=16.*32"):
-        PromptTuningModel(bert, prompt_encoder=SoftPrompt(N, 16))
-    with pytest.raises(ValueError, match="init must be one of"):
-        PromptTuningModel(bert, num_virtual_tokens=N, init="zeros")
-    with pytest.raises(ValueError, match="positive integer"):
-        PromptTuningModel(bert, num_virtual_tokens=0)
-    with pytest.raises(ValueError, match="modules_to_save names 'head'"):
-        PromptTuningModel(bert, num_virtual_tokens=N, modules_to_save=["head"])
+
+
+def test_generate_needs_a_causal_language_model():
     with pytest.raises(ValueError, match="causal language model"):
-        PromptTuningModel(bert, num_virtual_tokens=N).generate(batch()[0])
-    lm = PromptTuningModel(llama, num_virtual_tokens=N)
-    with pytest.raises(ValueError, match="labels must be token ids shaped like input_ids"):
-        lm(*batch(), labels=torch.tensor([1, 2]))
-    with pytest.raises(ValueError, match="pass input_ids only"):
-        lm(*batch(), position_ids=torch.arange(7)[None])
+        PromptTuningModel(short_bert(), num_virtual_tokens=N).generate(batch()[0])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(labels=torch.tensor([1, 2])), "labels must be token ids shaped like input_ids"),
+    (dict(position_ids=torch.arange(7)[None]), "pass input_ids only"),
+])
+def test_language_model_forward_refuses_what_it_cannot_use(kwargs, match):
+    lm = PromptTuningModel(short_llama(), num_virtual_tokens=N)
+    with pytest.raises(ValueError, match=match):
+        lm(*batch(), **kwargs)
