@@ -26,7 +26,7 @@ from torch import nn
 
 from peftkit import distributed
 from peftkit.data import topic_splits
-from peftkit.lora import save_adapter
+from peftkit.lora import LoRAConfig, save_adapter
 from peftkit.models import quiet
 from peftkit.recipes import RECIPES, classifier
 from peftkit.recipes import train as train_recipe
@@ -71,7 +71,7 @@ def main(argv=None):
 
     def write():
         args.out.mkdir(parents=True, exist_ok=True)
-        if hasattr(model, "lora_config"):
+        if isinstance(getattr(model, "adapter_config", None), LoRAConfig):  # a LoRA method
             save_adapter(model, args.out / "adapter.safetensors")
         run = {"method": args.method, "processes": world, "batch_per_process": batch, "steps": len(history.train_loss),
                "trainable": trainable, "allreduce_bytes_per_step": ledger.bytes / max(1, ledger.steps),

@@ -11,6 +11,7 @@ kept in float32. The paper's third part, paged optimizers, only matters on a GPU
     prepare_for_qlora(model)                                  # quantize, freeze, norms in float32
     add_lora(model, "all-linear", rank=8, alpha=16)           # LoRA accepts NF4Linear targets
     ...train...
+    save_adapter(model, "qlora.safetensors")                  # lora.py's: A and B only, as for LoRA
     merge_into_float(model, float_model)                      # deploy: W + delta W, in float
 
 Merging into the 4-bit base is possible but lossy: NF4(W + delta W) is re-rounded to the same
@@ -23,10 +24,10 @@ import torch
 from torch import nn
 
 try:
-    from .lora import LoRALinear
+    from .lora import LoRAConfig, LoRALinear
     from .nf4 import NF4Linear, quantize_model, quantize_nf4, replace_modules
 except ImportError:  # copied into a project as plain files, beside lora.py and nf4.py
-    from lora import LoRALinear
+    from lora import LoRAConfig, LoRALinear
     from nf4 import NF4Linear, quantize_model, quantize_nf4, replace_modules
 
 
@@ -82,6 +83,18 @@ def prepare_for_qlora(model: nn.Module, skip=("lm_head", "classifier"), double_q
     return model
 
 
+def merged_weight(layer: LoRALinear) -> torch.Tensor:
+    """The exact float weight the trained layer computes with: dequant(W_nf4) + delta W, (out, in)."""
+    _check_layer(layer)
+    return layer.base.weight.dequantize(torch.float32) + layer.delta_weight().float()
+
+
+# --- merging ---
+def _check_layer(layer) -> None:
+    if not isinstance(layer, LoRALinear) or not isinstance(layer.base, NF4Linear):
+        raise TypeError(f"needs a LoRALinear over an NF4Linear (prepare_for_qlora, then add_lora), got {layer!r:.80}")
+
+
 def _qlora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module with QLoRA layers, got {type(model).__name__}")
@@ -89,17 +102,6 @@ def _qlora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     if not layers:
         raise ValueError("the model has no LoRA layer over an NF4Linear base: call prepare_for_qlora, then add_lora")
     return layers
-
-
-def _check_layer(layer) -> None:
-    if not isinstance(layer, LoRALinear) or not isinstance(layer.base, NF4Linear):
-        raise TypeError(f"needs a LoRALinear over an NF4Linear (prepare_for_qlora, then add_lora), got {layer!r:.80}")
-
-
-def merged_weight(layer: LoRALinear) -> torch.Tensor:
-    """The exact float weight the trained layer computes with: dequant(W_nf4) + delta W, (out, in)."""
-    _check_layer(layer)
-    return layer.base.weight.dequantize(torch.float32) + layer.delta_weight().float()
 
 
 def requantized_update_error(layer: LoRALinear) -> float:
@@ -129,8 +131,8 @@ def merge_into_4bit(model: nn.Module) -> nn.Module:
         except ValueError as err:
             raise ValueError(f"cannot merge {name!r}: {err}; the model was left unchanged") from err
     replace_modules(model, merged)
-    if "lora_config" in vars(model):
-        del model.lora_config
+    if isinstance(vars(model).get("adapter_config"), LoRAConfig):
+        del model.adapter_config  # no LoRA layers left
     return model
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from peftkit.adapters import AdaptedSublayer, add_adapters, load_adapter, remove_adapters, save_adapter
-from peftkit.lora import LoRALinear, add_lora
+from peftkit.lora import LoRAConfig, LoRALinear, add_lora
 from peftkit.nf4 import PARTS, NF4Linear, quantize_model, quantize_nf4
 from peftkit.qlora import merge_into_4bit, merge_into_float, merged_weight, prepare_for_qlora, requantized_update_error
 
@@ -167,13 +167,18 @@ def test_prepare_for_qlora_rolls_back_when_gradient_checkpointing_fails(monkeypa
     assert isinstance(model.model.layers[1].mlp.up_proj, NF4Linear)
 
 
-def test_prepare_for_qlora_checks_arguments_and_names_a_nan_layer():
+def test_prepare_for_qlora_checks_its_arguments_before_touching_the_model():
     model = wide_llama()
     before = snapshot(model)
     with pytest.raises(TypeError, match="gradient_checkpointing must be True or False"):
         prepare_for_qlora(model, gradient_checkpointing="no")
+    assert_unchanged(model, before)
     with pytest.raises(TypeError, match="needs a torch.nn.Module"):
         prepare_for_qlora("model")
+
+
+def test_prepare_for_qlora_names_a_non_finite_layer_and_changes_nothing():
+    model = wide_llama()
     with torch.no_grad():
         model.model.layers[1].self_attn.v_proj.weight[0, 0] = float("inf")
     before = snapshot(model)
@@ -201,7 +206,7 @@ def test_merge_into_4bit_with_a_nan_update_in_a_later_layer_changes_nothing():
     with pytest.raises(ValueError, match=f"cannot merge '{bad}'.*left unchanged"):
         merge_into_4bit(model)
     assert_unchanged(model, before)
-    assert hasattr(model, "lora_config")
+    assert isinstance(model.adapter_config, LoRAConfig)
 
 
 def test_merge_into_4bit_interrupted_while_swapping_puts_the_lora_layers_back(monkeypatch):
@@ -218,22 +223,29 @@ def test_merge_into_4bit_interrupted_while_swapping_puts_the_lora_layers_back(mo
     with pytest.raises(KeyboardInterrupt):
         merge_into_4bit(model)
     assert_unchanged(model, before)
-    assert hasattr(model, "lora_config")
+    assert isinstance(model.adapter_config, LoRAConfig)
 
 
-def test_merge_into_float_failures_leave_the_float_model_alone(monkeypatch):
+def test_merge_into_float_needs_a_module():
+    with pytest.raises(TypeError, match="float_model must be"):
+        merge_into_float(qlora_llama(), "float_model")
+
+
+def test_merge_into_float_failing_at_the_last_layer_leaves_the_float_model_alone(monkeypatch):
     model, float_model = qlora_llama(), wide_llama()
     before = snapshot(float_model)
-    with pytest.raises(TypeError, match="float_model must be"):
-        merge_into_float(model, "float_model")
     last = model.model.layers[1].mlp.down_proj
     monkeypatch.setattr(last, "delta_weight", lambda: (_ for _ in ()).throw(RuntimeError("injected")))
     with pytest.raises(RuntimeError, match="injected"):
         merge_into_float(model, float_model)
     assert_unchanged(float_model, before)
-    monkeypatch.undo()
+
+
+def test_merge_into_float_with_a_non_finite_update_names_it_and_changes_nothing():
+    model, float_model = qlora_llama(), wide_llama()
+    before = snapshot(float_model)
     with torch.no_grad():
-        last.lora_A.weight[0, 0] = float("inf")
+        model.model.layers[1].mlp.down_proj.lora_A.weight[0, 0] = float("inf")
     with pytest.raises(ValueError, match="'model.layers.1.mlp.down_proj' is not finite"):
         merge_into_float(model, float_model)
     assert_unchanged(float_model, before)

@@ -1,4 +1,4 @@
-"""Issue 14, LoRA / bottleneck adapters / io: every load, save and wrap does all it says or
+"""Issue 14, LoRA / bottleneck adapters / adapter_files: every load, save and wrap does all it says or
 leaves the model and the files exactly as they were; adapter files hold only what the
 technique trains; corrupt files and bad arguments get errors that name them."""
 
@@ -13,11 +13,9 @@ from safetensors import SafetensorError
 from torch import nn
 
 import peftkit.adapters as adapters_module
-import peftkit.lora as lora_module
-from peftkit import adapter_files
+from peftkit import adapter_files, lora
 from peftkit.adapters import AdaptedSublayer, BottleneckAdapter, adapter_state_dict, add_adapters, remove_adapters
-from peftkit.lora import (LoRALinear, add_lora, export_peft, load_adapter, lora_state_dict, merge_lora,
-                          save_adapter, unmerge_lora)
+from peftkit.lora import LoRALinear, add_lora, export_peft, merge_lora, unmerge_lora
 from peftkit.nf4 import quantize_model
 
 from tiny import tiny_bert, tiny_llama  # noqa: E402
@@ -26,8 +24,6 @@ torch.set_num_threads(1)
 IDS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
 FROZEN_KEY = "bert.embeddings.word_embeddings.weight"
 INTERRUPTS = [OSError("disk went away"), RuntimeError("boom"), KeyboardInterrupt()]
-
-
 
 
 def randomize_(model, seed=3):
@@ -57,7 +53,7 @@ def assert_unchanged(model, before):
 
 def trained_lora(tmp_path, **kwargs):
     model = randomize_(add_lora(tiny_bert(), ["query", "value"], rank=4, modules_to_save=["classifier"], **kwargs))
-    return model, save_adapter(model, tmp_path / "lora.safetensors")
+    return model, lora.save_adapter(model, tmp_path / "lora.safetensors")
 
 
 def resave_with(path, extra=(), drop=()):
@@ -79,7 +75,7 @@ def test_lora_file_with_a_frozen_base_weight_is_refused(tmp_path, injected):
         add_lora(model, ["query", "value"], rank=4, modules_to_save=["classifier"])
     before = snapshot(model)
     with pytest.raises(ValueError, match=rf"unexpected keys \['{FROZEN_KEY}'\].*may not overwrite"):
-        load_adapter(model, bad)
+        lora.load_adapter(model, bad)
     assert_unchanged(model, before)
 
 
@@ -89,10 +85,16 @@ def test_lora_strict_even_when_the_user_unfroze_a_base_weight(tmp_path):
     model.get_parameter(FROZEN_KEY).requires_grad_(True)  # trainable now, but not LoRA's
     before = snapshot(model)
     with pytest.raises(ValueError, match="unexpected keys"):
-        load_adapter(model, resave_with(path, extra=[FROZEN_KEY]))
+        lora.load_adapter(model, resave_with(path, extra=[FROZEN_KEY]))
     assert_unchanged(model, before)
-    # save_adapter writes LoRA's tensors only, so its own files still load into such a model.
-    assert FROZEN_KEY not in io.load_tensors(save_adapter(model, tmp_path / "again.safetensors"))[0]
+
+
+def test_lora_save_writes_only_loras_tensors_even_when_the_user_unfroze_a_base_weight(tmp_path):
+    model = add_lora(tiny_bert(seed=1), ["query", "value"], rank=4, modules_to_save=["classifier"])
+    model.get_parameter(FROZEN_KEY).requires_grad_(True)  # trainable now, but not LoRA's
+    path = lora.save_adapter(model, tmp_path / "again.safetensors")
+    assert FROZEN_KEY not in adapter_files.load_tensors(path)[0]
+    lora.load_adapter(model, path)  # so its own files still load into such a model
 
 
 def test_lora_file_missing_a_key_is_refused(tmp_path):
@@ -100,7 +102,7 @@ def test_lora_file_missing_a_key_is_refused(tmp_path):
     model = tiny_bert(seed=1)
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"missing keys \['classifier.bias'\], unexpected keys \[\]"):
-        load_adapter(model, resave_with(path, drop=["classifier.bias"]))
+        lora.load_adapter(model, resave_with(path, drop=["classifier.bias"]))
     assert_unchanged(model, before)
 
 
@@ -121,15 +123,14 @@ def test_adapter_file_with_a_frozen_base_weight_is_refused(tmp_path, injected):
     assert all(torch.equal(model.get_parameter(n), t) for n, t in adapter_state_dict(trained).items())
 
 
-def test_io_load_adapter_refuses_frozen_keys_by_default(tmp_path):
+def test_copy_tensors_refuses_frozen_keys_by_default(tmp_path):
     model = tiny_bert()
     model.requires_grad_(False)
     model.classifier.requires_grad_(True)
-    path = io.save_tensors({"classifier.weight": torch.ones(3, 32), "classifier.bias": torch.ones(3),
-                            FROZEN_KEY: torch.zeros(100, 32)}, tmp_path / "x.safetensors")
+    tensors = {"classifier.weight": torch.ones(3, 32), "classifier.bias": torch.ones(3), FROZEN_KEY: torch.zeros(100, 32)}
     before = snapshot(model)
     with pytest.raises(ValueError, match=rf"unexpected keys \['{FROZEN_KEY}'\]"):
-        io.load_adapter(model, path)
+        adapter_files.copy_tensors(model, tensors)  # expected: the trainable parameters
     assert_unchanged(model, before)
 
 
@@ -159,25 +160,25 @@ def test_lora_other_scaling_is_refused_naming_both(tmp_path, other):
     before = snapshot(model)
     mine = f"alpha={other.get('alpha', 16)}, rslora={other.get('rslora', False)}"
     with pytest.raises(ValueError, match=rf"alpha=16, rslora=False, but the model.s LoRA has {mine}"):
-        load_adapter(model, path)
+        lora.load_adapter(model, path)
     assert_unchanged(model, before)
 
 
 def test_lora_bare_model_gets_the_files_scaling(tmp_path):
     trained, path = trained_lora(tmp_path, alpha=5, rslora=True)
     model = tiny_bert()  # the same frozen base
-    config = load_adapter(model, path)
+    config = lora.load_adapter(model, path)
     assert (config.alpha, config.rslora) == (5, True)
     layer = model.bert.encoder.layer[0].attention.self.query
     assert layer.scaling == 5 / math.sqrt(4)
-    assert all(torch.equal(model.get_parameter(n), t) for n, t in lora_state_dict(trained).items())  # bit-exact
+    assert all(torch.equal(model.get_parameter(n), t) for n, t in lora.adapter_state_dict(trained).items())  # bit-exact
     assert torch.equal(model(input_ids=IDS).logits, trained(input_ids=IDS).logits)
 
 
 def test_lora_other_dropout_loads(tmp_path):
     trained, path = trained_lora(tmp_path)
     model = add_lora(tiny_bert(), ["query", "value"], rank=4, dropout=0.1, modules_to_save=["classifier"])
-    load_adapter(model, path)
+    lora.load_adapter(model, path)
     model.eval()  # dropout acts in training only
     assert torch.equal(model(input_ids=IDS).logits, trained(input_ids=IDS).logits)
 
@@ -190,11 +191,11 @@ def test_lora_load_into_merged_model_is_refused_and_unmerge_stays_exact(tmp_path
     merge_lora(model, unload=False)
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"merged.*unmerge_lora\(model\) before load_adapter"):
-        load_adapter(model, path)
+        lora.load_adapter(model, path)
     assert_unchanged(model, before)
     unmerge_lora(model)
     torch.testing.assert_close({n: p for n, p in model.named_parameters() if n in bases}, bases)
-    load_adapter(model, path)  # unmerged: loads
+    lora.load_adapter(model, path)  # unmerged: loads
 
 
 # --- 3. rollback on any exception; arguments checked first ---------------------------------------
@@ -232,9 +233,9 @@ def test_lora_load_interrupted_rolls_back(tmp_path, monkeypatch, error, injected
 
     def fail(*args, **kwargs):
         raise error
-    monkeypatch.setattr(io, "copy_tensors", fail)
+    monkeypatch.setattr(adapter_files, "copy_tensors", fail)
     with pytest.raises(type(error)):
-        load_adapter(model, path)
+        lora.load_adapter(model, path)
     assert_unchanged(model, before)
 
 
@@ -256,11 +257,11 @@ def test_adapters_load_interrupted_rolls_back(tmp_path, monkeypatch, error):
 def test_copy_that_fails_halfway_puts_the_earlier_tensors_back():
     model = randomize_(add_lora(tiny_bert(), ["query", "value"], rank=4))
     before = snapshot(model)
-    names = sorted(lora_state_dict(model))
+    names = sorted(lora.adapter_state_dict(model))
     tensors = {n: torch.full_like(model.get_parameter(n), 7.0) for n in names}
     tensors[names[-1]] = torch.empty(model.get_parameter(names[-1]).shape, device="meta")  # copy_ fails on it
     with pytest.raises((NotImplementedError, RuntimeError)):
-        io.copy_tensors(model, tensors, names)
+        adapter_files.copy_tensors(model, tensors, names)
     assert_unchanged(model, before)
 
 
@@ -342,18 +343,22 @@ def test_lora_alpha_must_be_finite(alpha):
     with pytest.raises(ValueError, match="alpha must be a positive finite number"):
         add_lora(model, ["query"], alpha=alpha)
     assert_unchanged(model, before)
-    with pytest.raises(ValueError, match="alpha"):
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -float("inf"), True])
+def test_lora_linear_alpha_must_be_finite(alpha):
+    with pytest.raises(ValueError, match="alpha must be a positive finite number"):
         LoRALinear(nn.Linear(4, 4), alpha=alpha)
 
 
 def test_lora_saved_nan_alpha_is_refused_before_injecting(tmp_path):
     _, path = trained_lora(tmp_path)
-    tensors, config = io.load_tensors(path)
-    bad = io.save_tensors(tensors, tmp_path / "nan.safetensors", {**config, "alpha": float("nan")})
+    tensors, config = adapter_files.load_tensors(path)
+    bad = adapter_files.save_tensors(tensors, tmp_path / "nan.safetensors", {**config, "alpha": float("nan")})
     model = tiny_bert(seed=1)
     before = snapshot(model)
-    with pytest.raises(ValueError, match="alpha must be a positive finite number"):
-        load_adapter(model, bad)
+    with pytest.raises(ValueError, match=f"{bad} holds a lora config that cannot be used.*alpha must be a positive"):
+        lora.load_adapter(model, bad)
     assert_unchanged(model, before)
 
 
@@ -370,23 +375,26 @@ def test_add_lora_argument_checks(kwargs, error, message):
     with pytest.raises(error, match=message):
         add_lora(model, **kwargs)
     assert_unchanged(model, before)
+
+
+def test_add_lora_needs_a_module():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         add_lora("bert", ["query"])
 
 
 def test_entry_points_check_model_and_path_types(tmp_path):
     with pytest.raises(TypeError, match="torch.nn.Module"):
-        load_adapter("bert", tmp_path / "x.safetensors")
+        lora.load_adapter("bert", tmp_path / "x.safetensors")
     with pytest.raises(TypeError, match="torch.nn.Module"):
         adapters_module.load_adapter(None, tmp_path / "x.safetensors")
     with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
-        load_adapter(tiny_bert(), 42)
+        lora.load_adapter(tiny_bert(), 42)
     with pytest.raises(TypeError, match="base_model_name_or_path"):
         export_peft(add_lora(tiny_bert(), ["query"]), tmp_path / "out", 42)
     with pytest.raises(IsADirectoryError, match="is a folder"):
-        save_adapter(add_lora(tiny_bert(), ["query"]), tmp_path)
+        lora.save_adapter(add_lora(tiny_bert(), ["query"]), tmp_path)
     with pytest.raises(TypeError, match="config must hold only JSON"):
-        io.save_tensors({"a": torch.ones(1)}, tmp_path / "a.safetensors", {"x": object()})
+        adapter_files.save_tensors({"a": torch.ones(1)}, tmp_path / "a.safetensors", {"x": object()})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -421,7 +429,7 @@ def test_interrupted_re_export_leaves_the_old_export(tmp_path, monkeypatch, wher
     def fail(*args, **kwargs):
         raise error
     if where == "weights":
-        monkeypatch.setattr(io, "save_file", fail)
+        monkeypatch.setattr(adapter_files, "save_file", fail)
     elif where == "config":
         monkeypatch.setattr(type(out), "write_text", fail)
     else:  # the old folder moved aside, the new one not yet in place
@@ -432,7 +440,7 @@ def test_interrupted_re_export_leaves_the_old_export(tmp_path, monkeypatch, wher
             if len(calls) == 2:
                 raise error
             real_rename(src, dst)
-        monkeypatch.setattr(io.os, "rename", second_rename_fails)
+        monkeypatch.setattr(adapter_files.os, "rename", second_rename_fails)
     with pytest.raises(type(error)):
         export_peft(new, out, "tiny")
     monkeypatch.undo()
@@ -467,9 +475,9 @@ def test_interrupted_save_leaves_the_old_file(tmp_path, monkeypatch):
 
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(io, "save_file", fail)
+    monkeypatch.setattr(adapter_files, "save_file", fail)
     with pytest.raises(KeyboardInterrupt):
-        save_adapter(randomize_(model, seed=8), path)
+        lora.save_adapter(randomize_(model, seed=8), path)
     assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]
 
 
@@ -480,7 +488,7 @@ def test_interrupted_save_leaves_the_old_file(tmp_path, monkeypatch):
 def test_corrupt_file_error_names_the_path(tmp_path, damage, technique):
     if technique == "lora":
         _, path = trained_lora(tmp_path)
-        load = load_adapter
+        load = lora.load_adapter
     else:
         path = adapters_module.save_adapter(add_adapters(tiny_bert(), "pfeiffer", reduction_factor=4),
                                             tmp_path / "a.safetensors")
@@ -502,24 +510,47 @@ def test_file_with_a_broken_config_names_the_path(tmp_path):
     path = tmp_path / "bad.safetensors"
     save_file({"a": torch.ones(2)}, path, metadata={"config": "{not json"})
     with pytest.raises(ValueError, match=f"cannot read {path}") as info:
-        io.load_tensors(path)
+        adapter_files.load_tensors(path)
     assert isinstance(info.value.__cause__, json.JSONDecodeError)
+
+
+def test_lora_file_whose_config_is_no_object_names_the_path(tmp_path):
+    from safetensors.torch import save_file
+    path = tmp_path / "bad.safetensors"
     save_file({"a": torch.ones(2)}, path, metadata={"config": "[1, 2]"})
-    with pytest.raises(ValueError, match="not a JSON object"):
-        load_adapter(tiny_bert(), path)
+    with pytest.raises(ValueError, match=f"cannot read {path}.*not a JSON object"):
+        lora.load_adapter(tiny_bert(), path)
 
 
-def test_copied_lora_file_still_works_alone(tmp_path):
+def copied_lora(folder, *siblings):
+    """lora.py copied into ``folder`` (with ``siblings`` from peftkit) and imported from there, outside peftkit."""
     import importlib.util
     import shutil
 
-    copied = shutil.copy(lora_module.__file__, tmp_path / "my_lora.py")
-    spec = importlib.util.spec_from_file_location("my_lora", copied)
+    for name in siblings:
+        shutil.copy(os.path.join(os.path.dirname(lora.__file__), name), folder)
+    spec = importlib.util.spec_from_file_location("my_lora", shutil.copy(lora.__file__, folder / "my_lora.py"))
     alone = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(alone)
+    return alone
+
+
+def test_copied_lora_file_still_works_alone(tmp_path):
+    alone = copied_lora(tmp_path)
     model = alone.add_lora(tiny_bert(), ["query"], alpha=4)
     with pytest.raises(ValueError, match="finite"):
         alone.add_lora(tiny_bert(), ["query"], alpha=float("nan"))
-    with pytest.raises(ImportError, match="peftkit/io.py"):
+    assert copy.deepcopy(model).adapter_config.alpha == 4
+
+
+def test_copied_lora_file_saves_only_with_adapter_files_beside_it(tmp_path, monkeypatch):
+    alone = copied_lora(tmp_path)
+    model = randomize_(alone.add_lora(tiny_bert(), ["query"], alpha=4))
+    with pytest.raises(ImportError, match="adapter_files"):
         alone.save_adapter(model, tmp_path / "a.safetensors")
-    assert copy.deepcopy(model).lora_config.alpha == 4
+    copied_lora(tmp_path, "adapter_files.py")
+    monkeypatch.syspath_prepend(str(tmp_path))  # the project's folder, where `import adapter_files` finds it
+    path = alone.save_adapter(model, tmp_path / "a.safetensors")
+    fresh = tiny_bert()
+    assert alone.load_adapter(fresh, path) == model.adapter_config
+    assert torch.equal(fresh(input_ids=IDS).logits, model(input_ids=IDS).logits)

@@ -2,6 +2,8 @@
 
 import copy
 import json
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import peft
 import pytest
@@ -9,12 +11,14 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from peftkit import adapter_files
 from peftkit.lora import (
+    LoRAConfig,
     LoRALinear,
+    adapter_state_dict,
     add_lora,
     export_peft,
     load_adapter,
-    lora_state_dict,
     merge_lora,
     save_adapter,
     unmerge_lora,
@@ -23,9 +27,6 @@ from peftkit.lora import (
 from tiny import tiny_bert, tiny_llama  # noqa: E402
 
 torch.set_num_threads(1)
-
-
-
 
 MODELS = {"bert": tiny_bert, "llama": tiny_llama}
 QV = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
@@ -43,6 +44,7 @@ def randomize_(model, seed=3):
         for p in model.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
 
 
 def ours_from_peft_name(name):
@@ -74,13 +76,13 @@ def test_same_layers_init_and_forward_as_peft(kind, targets, options):
     base, theirs, ours = peft_and_ours(kind, targets, saved, **options)
     wrapped = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
                if isinstance(m, peft.tuners.lora.LoraLayer)}
-    assert wrapped == set(ours.lora_config.target_modules) == {n for n, m in ours.named_modules()
+    assert wrapped == set(ours.adapter_config.target_modules) == {n for n, m in ours.named_modules()
                                                                if isinstance(m, LoRALinear)}
     assert "lm_head" not in str(wrapped) and "classifier" not in str(wrapped)
     # Same seed, same draws: peft's Kaiming-uniform A (and zero B) come out bit-identical.
     theirs_params = {ours_from_peft_name(n): p for n, p in theirs.named_parameters() if p.requires_grad}
     ours_params = {n: p for n, p in ours.named_parameters() if p.requires_grad}
-    assert theirs_params.keys() == ours_params.keys() == lora_state_dict(ours).keys()
+    assert theirs_params.keys() == ours_params.keys() == adapter_state_dict(ours).keys()
     for name, p in ours_params.items():
         torch.testing.assert_close(p, theirs_params[name], rtol=0, atol=0)
     layer = next(m for m in ours.modules() if isinstance(m, LoRALinear))
@@ -138,7 +140,7 @@ def test_all_linear_skips_the_output_head(kind, head):
     assert type(model.get_submodule(head)) is nn.Linear
     assert not any(p.requires_grad for p in model.get_submodule(head).parameters())
     linears = [n for n, m in MODELS[kind]().named_modules() if isinstance(m, nn.Linear)]
-    assert sorted(model.lora_config.target_modules) == sorted(n for n in linears if n != head)
+    assert sorted(model.adapter_config.target_modules) == sorted(n for n in linears if n != head)
 
 
 def test_gradients_only_on_lora_and_modules_to_save():
@@ -146,7 +148,7 @@ def test_gradients_only_on_lora_and_modules_to_save():
     model(input_ids=IDS, labels=torch.tensor([0, 2])).loss.backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert with_grad == trainable == set(lora_state_dict(model))
+    assert with_grad == trainable == set(adapter_state_dict(model))
     assert trainable == {f"bert.encoder.layer.{i}.attention.self.{m}.lora_{ab}.weight"
                          for i in (0, 1) for m in ("query", "value") for ab in "AB"} | {
         "classifier.weight", "classifier.bias"}
@@ -170,14 +172,20 @@ def test_lora_linear_formula_and_shapes():
     assert layer.delta_weight().shape == (5, 6)
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama"])
-def test_merge_unmerge_round_trip_and_merge_lora_matches_peft(kind):
-    base, theirs, ours = peft_and_ours(kind, QV[kind], rslora=True)
+def trained_twins(kind):
+    """(peft's LoRA model, ours) with the same random A and B, so that LoRA is no identity."""
+    _, theirs, ours = peft_and_ours(kind, QV[kind], rslora=True)
     randomize_(theirs)
     with torch.no_grad():
         for n, p in theirs.named_parameters():
             if p.requires_grad:
                 ours.get_parameter(ours_from_peft_name(n)).copy_(p)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_merge_without_unload_keeps_outputs_and_unmerge_restores_the_weights(kind):
+    _, ours = trained_twins(kind)
     before = {n: p.clone() for n, p in ours.named_parameters()}
     expected = logits(ours)
     merge_lora(ours, unload=False)
@@ -193,14 +201,21 @@ def test_merge_unmerge_round_trip_and_merge_lora_matches_peft(kind):
     assert not layer.merged
     for n, p in ours.named_parameters():
         torch.testing.assert_close(p, before[n])
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_merge_lora_matches_peft_merge_and_unload(kind):
+    theirs, ours = trained_twins(kind)
+    expected = logits(ours)
     deployed = merge_lora(ours)
-    assert not any(isinstance(m, LoRALinear) for m in deployed.modules())
+    assert deployed is ours and not any(isinstance(m, LoRALinear) for m in deployed.modules())
+    assert "adapter_config" not in vars(deployed)
     reference = theirs.merge_and_unload()
-    assert type(deployed.get_submodule(layer_name := ours_from_peft_name(
-        next(n for n, _ in reference.named_modules() if n.endswith(QV[kind][0]))))) is nn.Linear
+    merged_name = ours_from_peft_name(next(n for n, _ in reference.named_modules() if n.endswith(QV[kind][0])))
+    assert type(deployed.get_submodule(merged_name)) is nn.Linear
     torch.testing.assert_close(deployed.state_dict(), reference.state_dict())
     torch.testing.assert_close(logits(deployed), expected)
-    assert layer_name and merge_lora(deployed) is deployed
+    assert merge_lora(deployed) is deployed  # no LoRA layers left: a no-op
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])
@@ -226,21 +241,94 @@ def test_export_peft_loads_in_peft_with_same_outputs(kind, tmp_path):
             assert torch.equal(a.get_tensor(k), b.get_tensor(k))
 
 
-def test_save_and_load_adapter_round_trip(tmp_path):
-    base = tiny_bert()
-    trained = add_lora(copy.deepcopy(base), ["query", "value"], rank=4, modules_to_save=["classifier"])
-    randomize_(trained)
-    path = save_adapter(trained, tmp_path / "lora.safetensors")
+def test_the_file_holds_adapter_state_dict_and_the_tagged_config(tmp_path):
+    model = randomize_(add_lora(tiny_bert(), ["query", "value"], rank=4, modules_to_save=["classifier"]))
+    path = save_adapter(model, tmp_path / "lora.safetensors")
     with safe_open(path, "pt") as f:
-        assert set(f.keys()) == set(lora_state_dict(trained))
-        assert json.loads(f.metadata()["config"])["rank"] == 4
-    fresh = copy.deepcopy(base)  # no LoRA yet: load_adapter injects it from the saved config
-    config = load_adapter(fresh, path)
+        assert set(f.keys()) == set(adapter_state_dict(model))
+        assert json.loads(f.metadata()["config"]) == {"technique": "lora", **asdict(model.adapter_config)}
+
+
+@pytest.mark.parametrize("injected", [False, True])
+def test_save_and_load_adapter_round_trip(tmp_path, injected):
+    base = tiny_bert()
+    trained = randomize_(add_lora(copy.deepcopy(base), ["query", "value"], rank=4, modules_to_save=["classifier"]))
+    path = save_adapter(trained, tmp_path / "lora.safetensors")
+    model = copy.deepcopy(base)
+    if injected:
+        add_lora(model, ["query", "value"], rank=4, modules_to_save=["classifier"])
+    config = load_adapter(model, path)  # without LoRA, load_adapter injects it from the saved config
+    assert config == trained.adapter_config == model.adapter_config
     assert config.rank == 4 and config.modules_to_save == ["classifier"]
-    torch.testing.assert_close(logits(fresh), logits(trained))
-    injected = add_lora(copy.deepcopy(base), ["query", "value"], rank=4, modules_to_save=["classifier"])
-    load_adapter(injected, path)
-    torch.testing.assert_close(logits(injected), logits(trained))
+    torch.testing.assert_close(logits(model), logits(trained))
+
+
+@pytest.mark.parametrize("injected", [False, True])
+def test_a_file_of_another_technique_is_refused_naming_both(tmp_path, injected):
+    trained = add_lora(tiny_bert(), ["query", "value"], rank=4)
+    config = {"technique": "bottleneck_adapters", **asdict(trained.adapter_config)}  # the tag decides
+    path = adapter_files.save_tensors(adapter_state_dict(trained), tmp_path / "other.safetensors", config)
+    model = randomize_(add_lora(tiny_bert(), ["query", "value"], rank=4)) if injected else tiny_bert()
+    before = ([(n, type(m)) for n, m in model.named_modules()], copy.deepcopy(model.state_dict()),
+              {n: p.requires_grad for n, p in model.named_parameters()}, vars(model).get("adapter_config"))
+    with pytest.raises(ValueError, match="holds a bottleneck_adapters adapter, not lora"):
+        load_adapter(model, path)
+    assert [(n, type(m)) for n, m in model.named_modules()] == before[0]
+    assert all(torch.equal(t, before[1][n]) for n, t in model.state_dict().items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before[2]
+    assert vars(model).get("adapter_config") is before[3]
+
+
+def test_saving_a_submodule_without_the_config_is_refused(tmp_path):
+    model = add_lora(tiny_bert(), ["query"])
+    with pytest.raises(ValueError, match=r"no LoRA config \(model.adapter_config\)"):
+        save_adapter(model.bert, tmp_path / "a.safetensors")  # its LoRA layers, but not the model's config
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_adapter_state_dict_needs_lora_layers():
+    with pytest.raises(ValueError, match="no LoRA layers: call add_lora"):
+        adapter_state_dict(tiny_bert())
+
+
+# --- the config ----------------------------------------------------------------------------------
+
+
+def test_the_config_is_stored_on_the_model_and_tagged():
+    model = add_lora(tiny_bert(), "query", rank=4, alpha=8, modules_to_save="classifier")
+    assert model.adapter_config == LoRAConfig(
+        [f"bert.encoder.layer.{i}.attention.self.query" for i in (0, 1)], 4, 8, 0.0, False, ["classifier"])
+    assert LoRAConfig.technique == "lora" and "technique" not in asdict(model.adapter_config)  # a class tag
+
+
+@pytest.mark.parametrize("bad,error", [
+    ({"rank": 0}, ValueError), ({"rank": True}, ValueError), ({"alpha": float("nan")}, ValueError),
+    ({"dropout": 1.0}, ValueError), ({"rslora": 1}, TypeError), ({"target_modules": [3]}, TypeError),
+    ({"modules_to_save": 5}, TypeError)])
+def test_lora_config_checks_its_own_fields(bad, error):
+    with pytest.raises(error, match=next(iter(bad))):
+        LoRAConfig(**{"target_modules": ["query"], **bad})
+
+
+@dataclass
+class OtherTechniqueConfig:
+    """Stands in for another in-place technique's config (bottleneck adapters keep theirs there too)."""
+
+    technique: ClassVar[str] = "bottleneck_adapters"
+
+
+def test_add_lora_refuses_a_model_that_carries_another_technique():
+    model, other = tiny_bert(), OtherTechniqueConfig()
+    model.adapter_config = other
+    with pytest.raises(ValueError, match="already carries bottleneck_adapters"):
+        add_lora(model, ["query"])
+    assert not any(isinstance(m, LoRALinear) for m in model.modules()) and model.adapter_config is other
+
+
+def test_merge_lora_leaves_another_techniques_config():
+    model, other = tiny_bert(), OtherTechniqueConfig()
+    model.adapter_config = other
+    assert merge_lora(model) is model and model.adapter_config is other
 
 
 class Fake4bit(nn.Module):
@@ -258,15 +346,25 @@ class Fake4bit(nn.Module):
         return nn.functional.linear(x, self.weight.float(), self.bias)
 
 
-def test_4bit_base_forward_and_merge_refused():
+def lora_over_fake_4bit():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), Fake4bit(nn.Linear(8, 4)))
     add_lora(model, "all-linear", rank=2)  # a bare nn.Sequential has no output head to skip
+    nn.init.normal_(model[2].lora_B.weight)
+    return model
+
+
+def test_4bit_base_forward():
+    model = lora_over_fake_4bit()
     layer = model[2]
     assert isinstance(layer, LoRALinear) and layer.lora_A.weight.dtype == torch.float32
-    nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(3, 8)
     hidden = model[1](model[0](x))
     torch.testing.assert_close(model(x), layer.base(hidden) + layer.lora_B(layer.lora_A(hidden)) * layer.scaling)
+
+
+def test_merging_into_a_4bit_base_is_refused_and_changes_nothing():
+    model = lora_over_fake_4bit()
+    layer = model[2]
     before = {n: t.clone() for n, t in model.state_dict().items()}
     with pytest.raises(TypeError, match="peftkit.qlora"):
         layer.merge()
@@ -287,11 +385,14 @@ def test_no_target_matched_lists_the_linears():
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_target_that_is_not_linear_names_its_type():
-    with pytest.raises(TypeError, match="BertAttention"):
-        add_lora(tiny_bert(), ["attention"])
-    with pytest.raises(TypeError, match="Embedding"):
-        add_lora(tiny_llama(), ["embed_tokens"])
+@pytest.mark.parametrize("build,target,type_name", [
+    (tiny_bert, "attention", "BertAttention"), (tiny_llama, "embed_tokens", "Embedding")])
+def test_target_that_is_not_linear_names_its_type(build, target, type_name):
+    with pytest.raises(TypeError, match=type_name):
+        add_lora(build(), [target])
+
+
+def test_lora_linear_refuses_what_is_not_linear():
     with pytest.raises(TypeError, match="Conv1d"):
         LoRALinear(nn.Conv1d(2, 2, 1))
 
@@ -306,12 +407,19 @@ def test_bad_hyperparameters(bad):
         LoRALinear(nn.Linear(4, 4), **bad)
 
 
-def test_wrapping_twice_and_unknown_modules_to_save():
+def test_adding_lora_twice_is_refused():
     model = add_lora(tiny_bert(), ["query"])
     with pytest.raises(ValueError, match="already has LoRA layers"):
         add_lora(model, ["value"])
+
+
+def test_a_lora_layer_is_not_wrapped_again():
+    model = add_lora(tiny_bert(), ["query"])
     with pytest.raises(TypeError, match="LoRALinear"):
         LoRALinear(model.bert.encoder.layer[0].attention.self.query)
+
+
+def test_unknown_modules_to_save_lists_the_top_level_modules():
     with pytest.raises(ValueError, match=r"modules_to_save \['head'\].*'classifier'"):
         add_lora(tiny_bert(), ["query"], modules_to_save=["head"])
 
@@ -338,4 +446,4 @@ def test_load_adapter_into_a_model_it_cannot_fit_undoes_the_injection(tmp_path):
     with pytest.raises(ValueError, match="wrong shapes"):
         load_adapter(other, path)
     assert [n for n, _ in other.named_parameters()] == names
-    assert all(p.requires_grad for p in other.parameters()) and not hasattr(other, "lora_config")
+    assert all(p.requires_grad for p in other.parameters()) and "adapter_config" not in vars(other)

@@ -101,8 +101,15 @@ def test_prepare_for_qlora_quantizes_freezes_and_keeps_norms_in_float32():
     assert layer.self_attn.q_proj.weight.dtype == torch.bfloat16  # what dequantize() gives by default
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=IDS).logits).all()
+
+
+def test_prepare_for_qlora_refuses_a_quantized_model():
+    model = prepare_for_qlora(wide_llama(eval_mode=False))
     with pytest.raises(ValueError, match="already quantized"):
         prepare_for_qlora(model)
+
+
+def test_gradient_checkpointing_needs_a_hugging_face_model():
     with pytest.raises(TypeError, match="gradient_checkpointing needs a Hugging Face model"):
         prepare_for_qlora(Tiny(), gradient_checkpointing=True)
 
@@ -167,43 +174,61 @@ def test_merge_into_4bit_matches_peft_merge(double_quant):
             assert torch.equal(ours(x), reference(x))
 
 
-def test_a_4bit_merge_loses_a_small_update_and_a_float_merge_keeps_it():
-    float_model = wide_llama(eval_mode=False)
+def trained_q_proj(std=1e-1):
+    """A QLoRA Llama whose first q_proj has a trained (random) B of size ``std``, and that layer."""
     model = qlora_llama()
     layer = model.model.layers[0].self_attn.q_proj
-    with pytest.raises(TypeError, match="peftkit.qlora"):
-        layer.merge()  # LoRA itself refuses, and points here
-    errors = []
-    for std in (1e-4, 1e-1):  # an update far below the 4-bit grid step, then one comparable to W
-        torch.manual_seed(3)
-        nn.init.normal_(layer.lora_B.weight, std=std)
-        errors.append(requantized_update_error(layer))
-    assert errors[0] > 0.5 > errors[1], errors  # most of the small update rounds away
+    torch.manual_seed(3)
+    nn.init.normal_(layer.lora_B.weight, std=std)
+    return model, layer
 
+
+def test_lora_merge_refuses_a_4bit_base_and_points_to_qlora():
+    _, layer = trained_q_proj()
+    with pytest.raises(TypeError, match="peftkit.qlora"):
+        layer.merge()
+
+
+def test_a_4bit_merge_loses_most_of_a_small_update():
+    # an update far below the 4-bit grid step, then one comparable to W
+    errors = [requantized_update_error(trained_q_proj(std)[1]) for std in (1e-4, 1e-1)]
+    assert errors[0] > 0.5 > errors[1], errors
+
+
+def test_a_float_merge_keeps_the_whole_update_and_leaves_the_qlora_model():
+    float_model = wide_llama(eval_mode=False)
+    model, layer = trained_q_proj()
     delta = layer.delta_weight()
     original = float_model.model.layers[0].self_attn.q_proj.weight.clone()
     assert merge_into_float(model, float_model) is float_model
     torch.testing.assert_close(float_model.model.layers[0].self_attn.q_proj.weight - original, delta,
                                rtol=0, atol=1e-6)
-    assert isinstance(model.model.layers[0].self_attn.q_proj, LoRALinear)  # the QLoRA model is untouched
+    assert model.model.layers[0].self_attn.q_proj is layer  # the QLoRA model is untouched
 
+
+def test_merge_into_4bit_requantizes_the_exact_merged_weight():
+    model, layer = trained_q_proj()
     exact = merged_weight(layer)
     merge_into_4bit(model)
     requantized = model.model.layers[0].self_attn.q_proj.weight.dequantize()
     assert not torch.equal(requantized, exact)
     assert torch.equal(requantized, quantize_nf4(exact, 64, double_quant=True).dequantize())
-    assert not any(isinstance(m, LoRALinear) for m in model.modules()) and not hasattr(model, "lora_config")
+    assert not any(isinstance(m, LoRALinear) for m in model.modules()) and "adapter_config" not in vars(model)
 
 
-def test_merge_refusals():
+def test_merge_into_4bit_needs_qlora_layers():
     with pytest.raises(ValueError, match="no LoRA layer over an NF4Linear"):
         merge_into_4bit(wide_llama(eval_mode=False))
-    model = qlora_llama()
-    wrong = tiny_llama(seed=None, eval_mode=False, max_position_embeddings=None)  # 32 wide, not 64
+
+
+@pytest.mark.parametrize("wrong", ["narrower", "quantized"])
+def test_merge_into_float_needs_the_float_original(wrong):
+    if wrong == "narrower":
+        float_model = tiny_llama(seed=None, eval_mode=False, max_position_embeddings=None)  # 32 wide, not 64
+    else:
+        float_model = qlora_llama()  # a quantized model is not the float original
     with pytest.raises(ValueError, match="no nn.Linear of the right shape"):
-        merge_into_float(model, wrong)
-    with pytest.raises(ValueError, match="no nn.Linear of the right shape"):
-        merge_into_float(model, qlora_llama())  # a quantized model is not the float original
+        merge_into_float(qlora_llama(), float_model)
 
 
 def test_qlora_adapter_saves_only_lora_and_loads_back(tmp_path):
