@@ -52,18 +52,29 @@ def logits(model):
 
 # --- quantize_model: all or nothing ---
 
-def test_a_nan_in_a_later_layer_leaves_the_model_float_names_it_and_a_retry_works():
-    model, reference = wide_llama(), wide_llama()
-    bad = "model.layers.1.mlp.down_proj"
+BAD = "model.layers.1.mlp.down_proj"  # the last of the 14 linears quantize_model quantizes
+
+
+def with_a_nan(model):
     with torch.no_grad():
-        model.get_submodule(bad).weight[3, 5] = float("nan")
+        model.get_submodule(BAD).weight[3, 5] = float("nan")
+    return model
+
+
+def test_a_nan_in_a_later_layer_is_named_and_leaves_the_model_float():
+    model = with_a_nan(wide_llama())
     before = snapshot(model)
-    with pytest.raises(ValueError, match=rf"cannot quantize '{bad}': quantize_nf4 got 1 NaN/inf.*left unchanged"):
+    with pytest.raises(ValueError, match=rf"cannot quantize '{BAD}': quantize_nf4 got 1 NaN/inf.*left unchanged"):
         quantize_model(model)
     assert_unchanged(model, before)
-    assert not any(isinstance(m, NF4Linear) for m in model.modules())
+
+
+def test_quantizing_again_after_fixing_the_nan_works():
+    model, reference = with_a_nan(wide_llama()), wide_llama()
+    with pytest.raises(ValueError):
+        quantize_model(model)
     with torch.no_grad():  # fix it, then retry: not refused as "already quantized"
-        model.get_submodule(bad).weight[3, 5] = reference.get_submodule(bad).weight[3, 5]
+        model.get_submodule(BAD).weight[3, 5] = reference.get_submodule(BAD).weight[3, 5]
     quantize_model(model)
     quantize_model(reference)
     assert torch.equal(logits(model), logits(reference))
@@ -121,22 +132,35 @@ def test_quantize_model_checks_its_arguments_before_touching_the_model(kwargs, e
     assert_unchanged(model, before)
 
 
-def test_quantize_model_refuses_what_is_not_a_model():
-    with pytest.raises(TypeError, match="needs a model"):
-        quantize_model([nn.Linear(4, 4)])
-    with pytest.raises(TypeError, match="NF4Linear.from_linear"):
-        quantize_model(nn.Linear(64, 64))
+@pytest.mark.parametrize("model, words", [
+    ([nn.Linear(4, 4)], "needs a model"),
+    (nn.Linear(64, 64), "for one layer, NF4Linear.from_linear"),
+])
+def test_quantize_model_refuses_what_is_not_a_model(model, words):
+    with pytest.raises(TypeError, match=words):
+        quantize_model(model)
+
+
+def test_quantize_nf4_names_the_dtypes_it_accepts():
     with pytest.raises(TypeError, match="float32, bfloat16, float16, float64"):
         quantize_nf4(torch.randn(64).to(torch.float8_e4m3fn))
+
+
+def test_quantize_nf4_refuses_a_double_quant_that_is_not_a_bool():
     with pytest.raises(TypeError, match="double_quant must be True or False"):
         quantize_nf4(torch.randn(64), double_quant=1)
+
+
+@pytest.mark.parametrize("bias", [torch.zeros(9), [0.0] * 8], ids=["9 values", "a list"])
+def test_nf4linear_refuses_a_bias_that_is_not_a_tensor_of_its_width(bias):
     with pytest.raises(TypeError, match=r"bias must be None or a tensor of shape \(8,\)"):
-        NF4Linear(quantize_nf4(torch.randn(8, 64)), torch.zeros(9))
-    with pytest.raises(TypeError, match=r"bias must be None or a tensor"):
-        NF4Linear(quantize_nf4(torch.randn(8, 64)), [0.0] * 8)
-    for helper in (merged_weight, requantized_update_error):
-        with pytest.raises(TypeError, match="needs a LoRALinear over an NF4Linear"):
-            helper(LoRALinear(nn.Linear(8, 8)))
+        NF4Linear(quantize_nf4(torch.randn(8, 64)), bias)
+
+
+@pytest.mark.parametrize("helper", [merged_weight, requantized_update_error])
+def test_qlora_helpers_refuse_a_lora_layer_without_a_4bit_base(helper):
+    with pytest.raises(TypeError, match="needs a LoRALinear over an NF4Linear"):
+        helper(LoRALinear(nn.Linear(8, 8)))
 
 
 # --- prepare_for_qlora and the merges: all or nothing ---
@@ -318,15 +342,14 @@ def test_load_with_assign_into_a_meta_skeleton():
     assert torch.equal(skeleton(x), model(x))
 
 
-def test_a_float_state_dict_into_a_4bit_model_fails_clearly_and_keeps_the_4bit_weights():
-    float_state = wide_llama(seed=3).state_dict()
-    for strict in (True, False):
-        model = quantize_model(wide_llama())
-        weights = {n: m.weight for n, m in model.named_modules() if isinstance(m, NF4Linear)}
-        with pytest.raises(RuntimeError, match=r"model.layers.0.self_attn.q_proj.weight is a float weight, but "
-                                               r"this layer is a 4-bit NF4Linear"):
-            model.load_state_dict(float_state, strict=strict)
-        assert all(model.get_submodule(n).weight is w for n, w in weights.items())
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_float_state_dict_into_a_4bit_model_fails_clearly_and_keeps_the_4bit_weights(strict):
+    model = quantize_model(wide_llama())
+    weights = {n: m.weight for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    with pytest.raises(RuntimeError, match=r"model.layers.0.self_attn.q_proj.weight is a float weight, but "
+                                           r"this layer is a 4-bit NF4Linear"):
+        model.load_state_dict(wide_llama(seed=3).state_dict(), strict=strict)
+    assert all(model.get_submodule(n).weight is w for n, w in weights.items())
 
 
 def test_a_4bit_state_dict_into_a_float_model_fails_clearly():
@@ -336,29 +359,44 @@ def test_a_4bit_state_dict_into_a_float_model_fails_clearly():
         wide_llama().load_state_dict(state, strict=True)
 
 
-def test_a_state_dict_of_other_settings_or_shapes_is_refused():
+def test_a_state_dict_of_the_other_double_quant_setting_is_refused():
     model = quantize_model(wide_llama())
-    other_quant = quantize_model(wide_llama(), double_quant=False).state_dict()
     with pytest.raises(RuntimeError, match="saved with double_quant=False, but this layer has double_quant=True"):
-        model.load_state_dict(other_quant)
-    other_blocks = quantize_model(wide_llama(), blocksize=32).state_dict()
+        model.load_state_dict(quantize_model(wide_llama(), double_quant=False).state_dict())
+
+
+def test_a_state_dict_of_another_blocksize_is_refused():
+    model = quantize_model(wide_llama())
     with pytest.raises(RuntimeError, match=r"weight_format is \[64, 64, 32, 0\], but this layer holds a \(64, 64\) "
                                            r"weight in blocks of 64"):
-        model.load_state_dict(other_blocks)
-    state = quantize_model(wide_llama()).state_dict()
+        model.load_state_dict(quantize_model(wide_llama(), blocksize=32).state_dict())
+
+
+def test_a_4bit_part_of_the_wrong_dtype_is_refused():
+    model, state = quantize_model(wide_llama()), quantize_model(wide_llama()).state_dict()
     state["model.layers.0.mlp.up_proj.weight_packed"] = state["model.layers.0.mlp.up_proj.weight_packed"].float()
     with pytest.raises(RuntimeError, match=r"up_proj.weight_packed must be torch.uint8 of shape \(4096,\), got "
                                            r"torch.float32 of shape \(4096,\)"):
         model.load_state_dict(state)
-    weights = {n: m.weight for n, m in model.named_modules() if isinstance(m, NF4Linear)}
-    state = quantize_model(wide_llama(seed=4)).state_dict()
-    del state["model.layers.1.self_attn.o_proj.weight_absmax_scale"]
-    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: '
-                                           r'"model.layers.1.self_attn.o_proj.weight_absmax_scale"'):
+
+
+MISSING = "model.layers.1.self_attn.o_proj.weight_absmax_scale"
+
+
+def test_a_missing_4bit_part_is_a_missing_key():
+    model, state = quantize_model(wide_llama()), quantize_model(wide_llama(seed=4)).state_dict()
+    del state[MISSING]
+    with pytest.raises(RuntimeError, match=rf'Missing key\(s\) in state_dict: "{MISSING}"'):
         model.load_state_dict(state)
+
+
+def test_a_missing_4bit_part_is_reported_and_its_layer_kept_when_not_strict():
+    model, state = quantize_model(wide_llama()), quantize_model(wide_llama(seed=4)).state_dict()
+    del state[MISSING]
+    kept = model.model.layers[1].self_attn.o_proj.weight
     result = model.load_state_dict(state, strict=False)  # PyTorch's contract: load what is there, report the rest
-    assert result.missing_keys == ["model.layers.1.self_attn.o_proj.weight_absmax_scale"]
-    assert model.model.layers[1].self_attn.o_proj.weight is weights["model.layers.1.self_attn.o_proj"]
+    assert result.missing_keys == [MISSING]
+    assert model.model.layers[1].self_attn.o_proj.weight is kept
 
 
 # --- adapters on a 4-bit base ---

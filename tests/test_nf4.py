@@ -33,10 +33,11 @@ from peftkit.nf4 import (
     NF4_CODE,
     NF4Linear,
     NF4Tensor,
-    dequantize_blockwise_readable,
+    _fast_quantize_blockwise,
+    dequantize_blockwise,
     nf4_code_from_quantiles,
     pack_nibbles,
-    quantize_blockwise_readable,
+    quantize_blockwise,
     quantize_model,
     quantize_nf4,
     unpack_nibbles,
@@ -53,6 +54,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Rows shorter than a block, sizes not divisible by the block, odd element counts, 1-D.
 SHAPES = [(128, 96), (64, 100), (7, 33), (3, 5), (1000,), (1,), (40, 256)]
 BLOCKSIZES = [32, 64, 256]
+IDS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
 def reference_dequantize_4bit(packed, absmax, blocksize, shape, dtype):
@@ -81,6 +83,48 @@ def weights(shape, dtype=torch.float32, seed=0):
     return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.05).to(dtype)
 
 
+def midpoints(code):
+    return (code[:-1] + code[1:]) / 2  # float32, as bitsandbytes computes them
+
+
+def on_midpoints(code=NF4_CODE, scale=1.0):
+    """Every float32 midpoint of ``code``, both ways round, beside +-1: scaled by a power of two, each
+    block's absmax is ``scale`` and w / absmax lands exactly on a midpoint."""
+    return torch.cat([torch.tensor([1.0]), midpoints(code), torch.tensor([-1.0]), midpoints(code).flip(0)]) * scale
+
+
+def with_zero_blocks():
+    w = weights((4, 100))
+    flat = w.view(-1)  # blocks of 64: 0-63, 64-127, ..., 320-383, and the partial 384-399
+    flat[64:192] = 0  # two whole blocks of zeros
+    flat[192:256] = -0.0  # a whole block of negative zeros: its absmax is +0.0, as bitsandbytes has it
+    flat[384:] = 0  # the partial last block
+    return w
+
+
+def same_bits(a, b) -> bool:
+    """Equal bit for bit: unlike torch.equal, +0.0 and -0.0 differ here."""
+    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(ints[a.dtype]), b.view(ints[b.dtype]))
+
+
+# (name, tensor, blocksize): shapes, block sizes, odd counts, partial blocks, zero blocks, ties on midpoints.
+CASES = [
+    ("rows shorter than a block", weights((7, 33), seed=2), 64),
+    ("whole blocks", weights((256, 300), seed=2), 64),
+    ("odd count, partial block", weights((5, 7), seed=2), 64),
+    ("block of 6", weights((1001,), seed=2), 6),
+    ("block of 100", weights((33, 65), seed=2), 100),
+    ("block of 2", weights((64,), seed=2), 2),
+    ("one value", weights((1,), seed=2), 64),
+    ("many blocks of absmax", weights((1024, 260), seed=2), 64),  # 4160 absmax: 8-bit partial block too
+    ("zero blocks", with_zero_blocks(), 64),
+    ("midpoints", on_midpoints().repeat(3), 64),  # one whole block, then a partial one
+    ("midpoints, block of 32", on_midpoints(scale=0.25).view(2, 16), 32),
+]
+CASE_IDS = [name for name, _, _ in CASES]
+
+
 @pytest.fixture
 def eager_bitsandbytes():
     # bitsandbytes' fallback for odd row lengths goes through torch.compile: run it eagerly.
@@ -92,14 +136,130 @@ def test_written_against_this_bitsandbytes():
     assert bnb.__version__ == BNB_VERSION, f"re-measure the divergences in this file for bitsandbytes {bnb.__version__}"
 
 
-def test_code_tables_are_bitsandbytes_tables():
+# --- the code tables ---
+
+def test_nf4_code_is_bitsandbytes_table():
     assert torch.equal(NF4_CODE, BF.get_4bit_type("nf4", device="cpu"))
-    assert torch.equal(nf4_code_from_quantiles(), NF4_CODE)
+
+
+def test_nf4_code_is_bitsandbytes_normal_map_without_its_zeros():
     normal_map = BF.create_normal_map()  # bitsandbytes' derivation, with scipy: 256 values, 241 zeros
     assert torch.equal(torch.cat([normal_map[:7], torch.zeros(1), normal_map[-8:]]), NF4_CODE)
-    assert torch.equal(DYNAMIC_CODE, BF.create_dynamic_map())
-    assert not torch.equal(nf4_code_from_quantiles(0.99), NF4_CODE)  # the offset matters
 
+
+def test_nf4_code_is_rebuilt_from_normal_quantiles():
+    assert torch.equal(nf4_code_from_quantiles(), NF4_CODE)
+
+
+def test_the_quantile_offset_changes_the_code():
+    assert not torch.equal(nf4_code_from_quantiles(0.99), NF4_CODE)
+
+
+def test_dynamic_code_is_bitsandbytes_dynamic_map():
+    assert torch.equal(DYNAMIC_CODE, BF.create_dynamic_map())
+
+
+# --- the definition against bitsandbytes ---
+
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_the_definition_quantizes_as_bitsandbytes(shape, dtype, blocksize):
+    w = weights(shape, dtype)
+    packed, state = BF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
+    codes, absmax = quantize_blockwise(w, NF4_CODE, blocksize)
+    assert torch.equal(pack_nibbles(codes), packed.reshape(-1))
+    assert same_bits(absmax, state.absmax)
+
+
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_the_definition_dequantizes_as_bitsandbytes(shape, dtype, blocksize):
+    packed, state = BF.quantize_4bit(weights(shape, dtype), blocksize=blocksize, quant_type="nf4")
+    codes = unpack_nibbles(packed.reshape(-1), torch.Size(shape).numel())
+    ours = dequantize_blockwise(codes, state.absmax, NF4_CODE, blocksize, shape).to(dtype)
+    assert same_bits(ours, reference_dequantize_4bit(packed, state.absmax, blocksize, shape, dtype))
+
+
+@pytest.mark.parametrize("blocksize", [32, 64])
+@pytest.mark.parametrize("scale", [1.0, 0.25, 4.0])
+def test_values_on_a_midpoint_get_bitsandbytes_codes(scale, blocksize):
+    w = on_midpoints(scale=scale).repeat(3)  # 96 values: whole blocks, and a partial one with block 64
+    packed, _ = BF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
+    assert torch.equal(pack_nibbles(quantize_blockwise(w, NF4_CODE, blocksize)[0]), packed.reshape(-1))
+
+
+def test_values_on_an_8bit_midpoint_get_bitsandbytes_codes():
+    x = on_midpoints(DYNAMIC_CODE)  # 512 values: two blocks of 256
+    codes, _ = reference_quantize_blockwise(x, DYNAMIC_CODE, 256)
+    assert torch.equal(quantize_blockwise(x, DYNAMIC_CODE, 256)[0], codes)
+
+
+def test_a_midpoint_exactly_takes_the_lower_code():
+    assert quantize_blockwise(on_midpoints(), NF4_CODE, 64)[0][1:16].tolist() == list(range(15))
+
+
+def test_argmin_alone_rounds_six_nf4_midpoints_up():
+    # Why quantize_blockwise fixes ties: a rounded float32 midpoint can be a hair nearer the upper code.
+    nearest = (midpoints(NF4_CODE)[:, None] - NF4_CODE).abs().argmin(dim=1)  # (15,)
+    assert (nearest != torch.arange(15)).sum() == 6
+
+
+def test_packing_puts_the_first_code_in_the_high_nibble():
+    codes = torch.tensor([1, 2, 15, 0, 9], dtype=torch.uint8)
+    assert pack_nibbles(codes).tolist() == [0x12, 0xF0, 0x97]  # odd count: padded with 7, the code of 0.0
+
+
+def test_unpacking_inverts_packing():
+    codes = torch.tensor([1, 2, 15, 0, 9], dtype=torch.uint8)
+    assert unpack_nibbles(pack_nibbles(codes), 5).tolist() == codes.tolist()
+
+
+# --- the fast path equals the definition, bit for bit ---
+
+@pytest.mark.parametrize("name, w, blocksize", CASES, ids=CASE_IDS)
+def test_fast_quantize_equals_the_definition(name, w, blocksize):
+    codes, absmax = quantize_blockwise(w, NF4_CODE, blocksize)
+    q = quantize_nf4(w, blocksize)
+    assert torch.equal(q.packed, pack_nibbles(codes))
+    assert same_bits(q.absmax, absmax)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name, w, blocksize", CASES, ids=CASE_IDS)
+def test_fast_dequantize_equals_the_definition(name, w, blocksize, dtype):
+    q = quantize_nf4(w, blocksize)
+    codes = unpack_nibbles(q.packed, w.numel())
+    assert same_bits(q.dequantize(dtype), dequantize_blockwise(codes, q.absmax, NF4_CODE, blocksize, w.shape).to(dtype))
+
+
+@pytest.mark.parametrize("name, w, blocksize", CASES, ids=CASE_IDS)
+def test_fast_double_quantization_equals_the_definition(name, w, blocksize):
+    _, absmax = quantize_blockwise(w, NF4_CODE, blocksize)
+    codes8, scale = quantize_blockwise(absmax - absmax.mean(), DYNAMIC_CODE, 256)
+    q = quantize_nf4(w, blocksize, double_quant=True)
+    assert q.absmax is None and same_bits(q.absmax_offset, absmax.mean())
+    assert torch.equal(q.absmax_codes, codes8) and same_bits(q.absmax_scale, scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name, w, blocksize", CASES, ids=CASE_IDS)
+def test_fast_dequantize_of_double_quantized_scales_equals_the_definition(name, w, blocksize, dtype):
+    q = quantize_nf4(w, blocksize, double_quant=True)
+    absmax = dequantize_blockwise(q.absmax_codes, q.absmax_scale, DYNAMIC_CODE, 256) + q.absmax_offset
+    codes = unpack_nibbles(q.packed, w.numel())
+    assert same_bits(q.dequantize(dtype), dequantize_blockwise(codes, absmax, NF4_CODE, blocksize, w.shape).to(dtype))
+
+
+def test_fast_8bit_quantize_equals_the_definition_on_midpoints():
+    x = on_midpoints(DYNAMIC_CODE)[:-3]  # 509 values: a whole block and a partial one
+    codes, absmax = _fast_quantize_blockwise(x, DYNAMIC_CODE, 256)
+    expected_codes, expected_absmax = quantize_blockwise(x, DYNAMIC_CODE, 256)
+    assert torch.equal(codes[: x.numel()], expected_codes) and same_bits(absmax, expected_absmax)
+
+
+# --- quantize_nf4 and NF4Tensor against bitsandbytes ---
 
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -132,54 +292,54 @@ def test_dequantize_matches_native_kernel_where_it_agrees(shape, dtype, blocksiz
         assert error(ours) <= error(native), (error(ours), error(native))
 
 
-def test_readable_version_equals_fast_path():
-    for shape, blocksize in [((256, 300), 64), ((5, 7), 64), ((1001,), 6), ((33, 65), 100), ((64,), 2)]:
-        w = weights(shape, seed=2)
-        codes, absmax = quantize_blockwise_readable(w, NF4_CODE, blocksize)
-        q = quantize_nf4(w, blocksize)
-        assert torch.equal(pack_nibbles(codes), q.packed)
-        assert torch.equal(unpack_nibbles(q.packed, w.numel()), codes)
-        assert torch.equal(absmax, q.absmax)
-        for dtype in DTYPES:
-            readable = dequantize_blockwise_readable(codes, absmax, NF4_CODE, blocksize, shape, dtype)
-            assert torch.equal(readable, q.dequantize(dtype))
+DOUBLE_SHAPES = [(1024, 2048), (256, 1024), (128, 96)]
 
 
-def test_packing_puts_the_first_code_in_the_high_nibble():
-    codes = torch.tensor([1, 2, 15, 0, 9], dtype=torch.uint8)
-    assert pack_nibbles(codes).tolist() == [0x12, 0xF0, 0x97]  # odd count: padded with 7, the code of 0.0
-    assert unpack_nibbles(pack_nibbles(codes), 5).tolist() == codes.tolist()
-
-
-@pytest.mark.parametrize("shape", [(1024, 2048), (256, 1024), (128, 96), (3, 5)], ids=str)
-def test_double_quantization_matches_reference_semantics(shape):
+@pytest.mark.parametrize("shape", [*DOUBLE_SHAPES, (3, 5)], ids=str)
+def test_double_quantization_matches_bitsandbytes_reference(shape):
     w = weights(shape, seed=3)
     _, plain = BF.quantize_4bit(w, blocksize=64, quant_type="nf4")
     packed, nested = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     q = quantize_nf4(w, 64, double_quant=True)
-    assert q.absmax is None and q.double_quant
     assert torch.equal(q.packed, packed.reshape(-1))  # the 4-bit codes use the float scales
     assert torch.equal(q.absmax_offset, nested.offset)
     codes, scale = reference_quantize_blockwise(plain.absmax - nested.offset, DYNAMIC_CODE, 256)
     assert torch.equal(q.absmax_codes, codes) and torch.equal(q.absmax_scale, scale)
-    readable_codes, readable_scale = quantize_blockwise_readable(plain.absmax - nested.offset, DYNAMIC_CODE, 256)
-    assert torch.equal(readable_codes, codes) and torch.equal(readable_scale, scale)
     expected = reference_dequantize_blockwise(codes, scale, DYNAMIC_CODE, 256) + nested.offset
     assert torch.equal(q.block_absmax(), expected)
-    # bitsandbytes' native 8-bit codes: its lookup table misses the nearest code now and then
-    # (0.2% of them for 1024x2048 here), never to a nearer one than ours.
+
+
+@pytest.mark.parametrize("shape", DOUBLE_SHAPES, ids=str)
+def test_double_quantized_scales_are_never_farther_than_native_ones(shape):
+    # bitsandbytes' native 8-bit codes: its lookup table misses the nearest code now and then.
+    w = weights(shape, seed=3)
+    _, plain = BF.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    _, nested = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    q = quantize_nf4(w, 64, double_quant=True)
     target = plain.absmax - nested.offset
-    ours = (reference_dequantize_blockwise(q.absmax_codes, scale, DYNAMIC_CODE, 256) - target).abs()
-    theirs = (reference_dequantize_blockwise(nested.absmax, scale, DYNAMIC_CODE, 256) - target).abs()
+    ours = (reference_dequantize_blockwise(q.absmax_codes, q.absmax_scale, DYNAMIC_CODE, 256) - target).abs()
+    theirs = (reference_dequantize_blockwise(nested.absmax, nested.state2.absmax, DYNAMIC_CODE, 256) - target).abs()
     assert (ours <= theirs).all()
-    if shape == (3, 5):  # one block: absmax - mean is all zero, stored differently (see the docstring)
-        assert nested.state2.absmax.tolist() == [0.0] and nested.absmax.tolist() == [0]
-        assert torch.equal(q.absmax_scale, torch.tensor([1e-38])) and q.absmax_codes.tolist() == [127]
-        assert torch.equal(q.block_absmax(), BF.dequantize_blockwise(nested.absmax, nested.state2) + nested.offset)
-    else:
-        assert torch.equal(q.absmax_scale, nested.state2.absmax)
-        differ = (q.absmax_codes != nested.absmax).float().mean().item()
-        assert differ < 0.01, differ
+
+
+@pytest.mark.parametrize("shape", DOUBLE_SHAPES, ids=str)
+def test_native_double_quantization_differs_in_under_one_percent_of_codes(shape):
+    w = weights(shape, seed=3)
+    _, nested = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    q = quantize_nf4(w, 64, double_quant=True)
+    assert torch.equal(q.absmax_scale, nested.state2.absmax)
+    differ = (q.absmax_codes != nested.absmax).float().mean().item()
+    assert differ < 0.01, differ  # 0.2% for 1024x2048 here
+
+
+def test_a_single_block_of_scales_is_stored_as_the_reference_does():
+    # One block: absmax - mean is all zero, stored differently natively (see the module docstring).
+    w = weights((3, 5), seed=3)
+    _, nested = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    q = quantize_nf4(w, 64, double_quant=True)
+    assert nested.state2.absmax.tolist() == [0.0] and nested.absmax.tolist() == [0]
+    assert torch.equal(q.absmax_scale, torch.tensor([1e-38])) and q.absmax_codes.tolist() == [127]
+    assert torch.equal(q.block_absmax(), BF.dequantize_blockwise(nested.absmax, nested.state2) + nested.offset)
 
 
 def test_dequantize_from_bitsandbytes_double_quant_state_is_bit_exact():
@@ -188,35 +348,46 @@ def test_dequantize_from_bitsandbytes_double_quant_state_is_bit_exact():
     q = NF4Tensor(packed.reshape(-1), None, w.shape, w.dtype, 64, absmax_codes=state.absmax,
                   absmax_scale=state.state2.absmax, absmax_offset=state.offset)
     assert (q.absmax_codes != quantize_nf4(w, 64, double_quant=True).absmax_codes).any()  # native codes
-    assert torch.equal(q.block_absmax(), BF.dequantize_blockwise(state.absmax, state.state2) + state.offset)
     assert torch.equal(q.dequantize(), BF.dequantize_4bit(packed, state, quant_type="nf4"))
 
 
-def test_bits_per_parameter():
-    w = weights((512, 1024))
-    n, blocks = w.numel(), w.numel() // 64
-    plain, double = quantize_nf4(w), quantize_nf4(w, double_quant=True)
-    assert plain.nbytes == n // 2 + 4 * blocks
-    assert plain.bits_per_param == 4.5
-    # 4-bit codes + one 8-bit code per block + a float32 scale per 256 blocks + the float32 offset
-    assert double.nbytes == n // 2 + blocks + 4 * (blocks // 256) + 4
-    assert double.bits_per_param == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-4)
-    assert "4.127 bits/param" in repr(double)
-
-
-def test_all_zero_blocks_give_zeros():
-    w = weights((4, 100))
-    w[1] = 0  # covers a whole block of 64 and parts of others
-    w[3, 36:] = 0  # the partial last block (400 = 6 * 64 + 16) is all zero
-    for double_quant in (False, True):
-        q = quantize_nf4(w, 64, double_quant=double_quant)
-        out = q.dequantize()
-        assert torch.isfinite(out).all()
-        assert (out[1] == 0).all() and (out[3, 36:] == 0).all()
-    assert torch.equal(quantize_nf4(torch.zeros(130)).dequantize(), torch.zeros(130))
+def test_zero_blocks_match_bitsandbytes():
+    w = with_zero_blocks()
     packed, state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4")
-    assert torch.equal(quantize_nf4(w).packed, packed.reshape(-1))
-    assert torch.equal(quantize_nf4(w).absmax, state.absmax)  # 0 for full blocks, 1e-38 for the tail
+    q = quantize_nf4(w)
+    assert torch.equal(q.packed, packed.reshape(-1))
+    assert same_bits(q.absmax, state.absmax)  # +0.0 for whole blocks, 1e-38 for the tail
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_zero_blocks_give_zeros(double_quant):
+    out = quantize_nf4(with_zero_blocks(), 64, double_quant=double_quant).dequantize()
+    assert torch.isfinite(out).all()
+    assert (out.view(-1)[64:256] == 0).all() and (out.view(-1)[384:] == 0).all()
+
+
+def test_an_all_zero_tensor_gives_zeros():
+    assert torch.equal(quantize_nf4(torch.zeros(130)).dequantize(), torch.zeros(130))
+
+
+# --- NF4Tensor ---
+
+def test_plain_nf4_costs_4_5_bits_per_parameter():
+    q = quantize_nf4(weights((512, 1024)))
+    assert q.nbytes == 512 * 1024 // 2 + 4 * (512 * 1024 // 64)
+    assert q.bits_per_param == 4.5
+
+
+def test_double_quantization_costs_about_4_127_bits_per_parameter():
+    n, blocks = 512 * 1024, 512 * 1024 // 64
+    q = quantize_nf4(weights((512, 1024)), double_quant=True)
+    # 4-bit codes + one 8-bit code per block + a float32 scale per 256 blocks + the float32 offset
+    assert q.nbytes == n // 2 + blocks + 4 * (blocks // 256) + 4
+    assert q.bits_per_param == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-4)
+
+
+def test_repr_shows_the_bits_per_parameter():
+    assert "4.127 bits/param" in repr(quantize_nf4(weights((512, 1024)), double_quant=True))
 
 
 def test_error_is_what_nf4_promises():
@@ -225,7 +396,6 @@ def test_error_is_what_nf4_promises():
     scale = q.absmax.repeat_interleave(64).view(w.shape)
     gaps = (NF4_CODE[1:] - NF4_CODE[:-1]).max()  # the widest bin: error <= half of it, times absmax
     assert ((q.dequantize() - w).abs() <= scale * gaps / 2 + 1e-7).all()
-    assert (q.dequantize().abs().amax(dim=1) > 0).all()
 
 
 @pytest.mark.parametrize("bad, error, words", [
@@ -248,121 +418,192 @@ def test_bad_blocksize_is_refused(blocksize):
         quantize_nf4(torch.randn(128), blocksize)
 
 
-@pytest.mark.parametrize("double_quant", [False, True])
+def reused_cases():
+    a = quantize_nf4(torch.randn(64, 96, generator=torch.Generator().manual_seed(0)))
+    b = quantize_nf4(torch.randn(33, 7, generator=torch.Generator().manual_seed(1)), double_quant=True)  # odd sizes
+    return a, b
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("in_features", [128, 96])
-def test_nf4linear_forward_and_backward_match_bnb_linear4bit(in_features, dtype, double_quant):
+def test_dequantize_into_reused_buffers_equals_fresh(dtype):
+    a, b = reused_cases()
+    for q in (a, b, a):  # other calls, through the same buffers
+        assert torch.equal(q.dequantize(dtype, reuse=True), q.dequantize(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reused_buffers_leave_fresh_results_alone(dtype):
+    a, b = reused_cases()
+    fresh = a.dequantize(dtype)
+    kept = fresh.clone()
+    a.dequantize(dtype, reuse=True), b.dequantize(dtype, reuse=True)
+    assert torch.equal(fresh, kept)
+
+
+def test_a_reused_result_is_overwritten_by_the_next_call():
+    a, b = reused_cases()
+    reused = a.dequantize(reuse=True)
+    b.dequantize(reuse=True)
+    assert not torch.equal(reused[:1, :7].reshape(-1), a.dequantize()[:1, :7].reshape(-1))
+
+
+# --- NF4Linear ---
+
+def bnb_pair(in_features, dtype, double_quant):
+    """(float linear, our NF4Linear, bitsandbytes' Linear4bit) from the same weights."""
     torch.manual_seed(0)
     linear = nn.Linear(in_features, 48).to(dtype)
     reference = bnb.nn.Linear4bit(in_features, 48, compress_statistics=double_quant, quant_type="nf4")
     reference.load_state_dict(linear.state_dict())
     reference = reference.to("cpu")  # quantizes; stays in training mode (no CPU repacking)
-    if double_quant:  # adopt bitsandbytes' native absmax codes (see the module docstring)
-        state = reference.weight.quant_state
-        weight = NF4Tensor(reference.weight.data.reshape(-1), None, linear.weight.shape, dtype, 64,
-                           state.absmax, state.state2.absmax, state.offset)
-        layer = NF4Linear(weight, linear.bias)
-    else:
-        layer = NF4Linear.from_linear(linear, double_quant=False)
-        assert torch.equal(layer.weight.packed, reference.weight.data.reshape(-1))
+    if not double_quant:
+        return linear, NF4Linear.from_linear(linear, double_quant=False), reference
+    state = reference.weight.quant_state  # adopt bitsandbytes' native absmax codes (see the module docstring)
+    weight = NF4Tensor(reference.weight.data.reshape(-1), None, linear.weight.shape, dtype, 64,
+                       state.absmax, state.state2.absmax, state.offset)
+    return linear, NF4Linear(weight, linear.bias), reference
+
+
+NF4LINEAR_CASES = pytest.mark.parametrize("in_features, dtype, double_quant", [
+    (i, d, q) for i in (128, 96) for d in (torch.float32, torch.bfloat16) for q in (False, True)])
+
+
+@NF4LINEAR_CASES
+def test_nf4linear_forward_matches_bnb_linear4bit(in_features, dtype, double_quant):
+    linear, layer, reference = bnb_pair(in_features, dtype, double_quant)
     x = torch.randn(3, 5, in_features).to(dtype)
-    if not native_agrees(linear.weight.shape, 64):  # bitsandbytes may use wrong scales: never nearer than us
-        with torch.no_grad():
+    with torch.no_grad():
+        if native_agrees(linear.weight.shape, 64):
+            assert torch.equal(layer(x), reference(x))
+        else:  # bitsandbytes may use wrong scales: never nearer than us
             exact = linear(x).float()
             assert (layer(x).float() - exact).norm() <= (reference(x).float() - exact).norm()
-        return
-    with torch.no_grad():
-        assert torch.equal(layer(x), reference(x))
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out1, out2 = layer(x1), reference(x2)
-    assert torch.equal(out1, out2)
-    grad = torch.randn_like(out1)
-    out1.backward(grad), out2.backward(grad)
+
+
+@NF4LINEAR_CASES
+def test_nf4linear_input_gradient_matches_bnb_linear4bit(in_features, dtype, double_quant):
+    linear, layer, reference = bnb_pair(in_features, dtype, double_quant)
+    if not native_agrees(linear.weight.shape, 64):
+        pytest.skip("bitsandbytes' native kernel reads wrong scales for this shape (module docstring)")
+    x1 = torch.randn(3, 5, in_features).to(dtype).requires_grad_()
+    x2 = x1.detach().clone().requires_grad_()
+    grad = torch.randn(3, 5, 48).to(dtype)
+    layer(x1).backward(grad), reference(x2).backward(grad)
     assert torch.equal(x1.grad, x2.grad)
+
+
+def test_nf4linear_trains_nothing():
+    layer = NF4Linear.from_linear(nn.Linear(64, 32))
+    layer(torch.randn(4, 64, requires_grad=True)).sum().backward()
     assert layer.bias.grad is None and not any(p.requires_grad for p in layer.parameters())
 
 
 def test_backward_does_not_keep_the_float_weight():
     layer = NF4Linear.from_linear(nn.Linear(64, 32))
-    x = torch.randn(4, 64, requires_grad=True)
     saved = []  # the shape of every tensor autograd keeps for backward
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
-        out = layer(x)
+        layer(torch.randn(4, 64, requires_grad=True))
     assert (32, 64) not in saved and (64, 32) not in saved, saved
-    out.sum().backward()
-    w = layer.weight.dequantize()
-    assert torch.allclose(x.grad, torch.ones(4, 32) @ w)
 
 
-IDS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+def test_backward_rebuilds_the_weight_for_the_input_gradient():
+    layer = NF4Linear.from_linear(nn.Linear(64, 32))
+    x = torch.randn(4, 64, requires_grad=True)
+    layer(x).sum().backward()
+    assert torch.allclose(x.grad, torch.ones(4, 32) @ layer.weight.dequantize())
 
 
-def test_count_parameters_counts_4bit_weights_in_the_total():
+def test_nf4linear_refuses_a_1d_weight():
+    with pytest.raises(TypeError, match="2-D NF4Tensor"):
+        NF4Linear(quantize_nf4(torch.randn(64)))
+
+
+def test_from_linear_refuses_what_is_not_a_linear():
+    with pytest.raises(TypeError, match="nn.Linear"):
+        NF4Linear.from_linear(nn.Conv1d(2, 2, 1))
+
+
+# --- quantize_model ---
+
+def test_quantize_model_puts_nf4_in_every_linear_but_the_head():
     model = wide_llama()
-    before = count_parameters(model, show=False)
-    quantize_model(model)
-    after = count_parameters(model, show=False)
-    assert after["total"] == before["total"]  # 4-bit weights are not Parameters, but they are weights
-    frozen = sum(m.weight.numel() for m in model.modules() if isinstance(m, NF4Linear))
-    assert frozen > 0 and after["trainable"] == before["trainable"] - frozen
-
-
-def test_quantize_model_replaces_linears_but_the_head():
-    model, reference = wide_llama(), wide_llama()
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     assert quantize_model(model) is model
     kinds = {n: type(model.get_submodule(n)) for n in linears}
     assert kinds.pop("lm_head") is nn.Linear and set(kinds.values()) == {NF4Linear}
-    for name in kinds:
-        layer = model.get_submodule(name)
-        assert layer.weight.double_quant
-        expected = quantize_nf4(reference.get_submodule(name).weight, double_quant=True).dequantize()
-        assert torch.equal(layer.weight.dequantize(), expected)
+
+
+def test_quantize_model_weights_are_quantize_nf4_with_double_quantization():
+    model, reference = quantize_model(wide_llama()), wide_llama()
+    for name, layer in model.named_modules():
+        if isinstance(layer, NF4Linear):
+            expected = quantize_nf4(reference.get_submodule(name).weight, double_quant=True).dequantize()
+            assert layer.weight.double_quant and torch.equal(layer.weight.dequantize(), expected)
+
+
+def test_a_quantized_model_stays_close_to_the_float_one():
+    model, reference = quantize_model(wide_llama()), wide_llama()
     with torch.no_grad():
         quantized, exact = model(input_ids=IDS).logits, reference(input_ids=IDS).logits
     assert not torch.equal(quantized, exact)
     assert (quantized - exact).norm() < 0.1 * exact.norm()
-    assert "NF4Linear(in_features=64, out_features=128, bias=False, blocksize=64, double_quant=True)" in str(model)
 
 
-def test_quantize_model_options_and_refusals():
+def test_printing_a_quantized_model_shows_its_nf4_layers():
+    text = str(quantize_model(wide_llama()))
+    assert "NF4Linear(in_features=64, out_features=128, bias=False, blocksize=64, double_quant=True)" in text
+
+
+def test_quantize_model_options():
     model = quantize_model(wide_llama(), skip=("lm_head", "mlp"), double_quant=False, blocksize=32)
     assert isinstance(model.model.layers[0].mlp.up_proj, nn.Linear)
     q_proj = model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, NF4Linear) and q_proj.weight.blocksize == 32 and not q_proj.weight.double_quant
+
+
+def test_quantizing_twice_is_refused():
+    model = quantize_model(wide_llama())
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(model)
+
+
+def test_a_model_with_nothing_to_quantize_is_refused():
     with pytest.raises(ValueError, match="no nn.Linear outside skip"):
         quantize_model(nn.Sequential(nn.Linear(4, 4)), skip=("0",))
+
+
+def test_quantizing_after_lora_is_refused():
     from peftkit.lora import add_lora
     with pytest.raises(ValueError, match="quantize first"):
         quantize_model(add_lora(wide_llama(), ["q_proj"]))
 
 
-def test_moving_and_casting_a_quantized_model():
+def test_count_parameters_counts_4bit_weights_in_the_total():
+    model = wide_llama()
+    before = count_parameters(model, show=False)
+    after = count_parameters(quantize_model(model), show=False)
+    assert after["total"] == before["total"]  # 4-bit weights are not Parameters, but they are weights
+
+
+def test_count_parameters_counts_4bit_weights_as_frozen():
+    model = wide_llama()
+    before = count_parameters(model, show=False)
+    after = count_parameters(quantize_model(model), show=False)
+    frozen = sum(m.weight.numel() for m in model.modules() if isinstance(m, NF4Linear))
+    assert frozen > 0 and after["trainable"] == before["trainable"] - frozen
+
+
+def test_a_dtype_cast_leaves_the_codes_alone():
     model = quantize_model(wide_llama())
     layer = model.model.layers[0].self_attn.q_proj
     packed = layer.weight.packed
-    model.to(torch.bfloat16)  # a dtype cast leaves the codes and scales alone
+    model.to(torch.bfloat16)
     assert layer.weight.packed is packed and layer.weight.dtype == torch.float32
     with torch.no_grad():
         assert model(input_ids=IDS).logits.dtype == torch.bfloat16
-    model.to("meta")
-    assert layer.weight.device.type == "meta" and layer.weight.absmax_codes.device.type == "meta"
-    with pytest.raises(TypeError, match="2-D NF4Tensor"):
-        NF4Linear(quantize_nf4(torch.randn(64)))
-    with pytest.raises(TypeError, match="nn.Linear"):
-        NF4Linear.from_linear(nn.Conv1d(2, 2, 1))
 
 
-def test_dequantize_into_reused_buffers_equals_fresh_and_leaves_fresh_results_alone():
-    a = quantize_nf4(torch.randn(64, 96, generator=torch.Generator().manual_seed(0)))
-    b = quantize_nf4(torch.randn(33, 7, generator=torch.Generator().manual_seed(1)), double_quant=True)  # odd sizes
-    fresh, fresh_bf16 = a.dequantize(), a.dequantize(torch.bfloat16)
-    kept = fresh.clone(), fresh_bf16.clone()
-    reused = a.dequantize(reuse=True)
-    assert torch.equal(reused, fresh) and torch.equal(a.dequantize(torch.bfloat16, reuse=True), fresh_bf16)
-    for dtype in (torch.float32, torch.bfloat16):  # other calls, through the same buffers
-        assert torch.equal(b.dequantize(dtype, reuse=True), b.dequantize(dtype))
-    assert torch.equal(fresh, kept[0]) and torch.equal(fresh_bf16, kept[1])  # results of reuse=False stay put
-    assert not torch.equal(reused[:1, :7].reshape(-1), fresh[:1, :7].reshape(-1))  # the reused one is overwritten
+def test_moving_a_quantized_model_moves_its_codes():
+    model = quantize_model(wide_llama()).to("meta")
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    assert weight.device.type == "meta" and weight.absmax_codes.device.type == "meta"
