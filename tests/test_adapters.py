@@ -17,7 +17,7 @@ from peftkit import adapter_files
 from peftkit.adapters import (AdaptedSublayer, AdapterConfig, BottleneckAdapter, adapter_state_dict, add_adapters,
                               load_adapter, remove_adapters, save_adapter)
 
-from tiny import tiny_bert, tiny_llama  # noqa: E402
+from tiny import assert_unchanged, snapshot, tiny_bert, tiny_llama  # noqa: E402
 
 # Largest output change allowed at initialisation with the default init_std=1e-3. The adapter's
 # extra term is of order init_std**2 * sqrt(d * m) * |h|, about 1e-5 here; init_std=0.1 makes it
@@ -76,20 +76,6 @@ def randomize(model):
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.3)
-
-
-def snapshot(model):
-    """What a refused load must leave as it was: modules, values, flags, the technique's attributes."""
-    return ([(n, type(m)) for n, m in model.named_modules()],
-            {n: t.clone() for n, t in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()},
-            sorted(k for k in vars(model) if k in ("adapter_config", "_peftkit_adapters")))
-
-
-def assert_unchanged(model, before):
-    modules, state, flags, attrs = snapshot(model)
-    assert (modules, flags, attrs) == (before[0], before[2], before[3])
-    assert state.keys() == before[1].keys() and all(torch.equal(t, before[1][n]) for n, t in state.items())
 
 
 def expected_wrapped(family, placement):

@@ -20,29 +20,10 @@ from peftkit.lora import LoRAConfig, LoRALinear, add_lora
 from peftkit.nf4 import PARTS, NF4Linear, quantize_model, quantize_nf4
 from peftkit.qlora import merge_into_4bit, merge_into_float, merged_weight, prepare_for_qlora, requantized_update_error
 
-from tiny import wide_llama  # noqa: E402
+from tiny import assert_unchanged, snapshot, wide_llama  # noqa: E402
 
 torch.set_num_threads(1)
 IDS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
-
-
-def snapshot(model):
-    """Everything a failed operation must leave alone: module objects, tensors, flags, dtypes."""
-    return {
-        "modules": dict(model.named_modules()),
-        "tensors": {n: t.clone() for n, t in model.state_dict().items()},
-        "params": {n: (p, p.dtype, p.requires_grad) for n, p in model.named_parameters()},
-    }
-
-
-def assert_unchanged(model, before):
-    assert dict(model.named_modules()) == before["modules"]  # the same objects under the same names
-    after = model.state_dict()
-    assert after.keys() == before["tensors"].keys()
-    for name, tensor in before["tensors"].items():  # bit for bit, dtype included (a planted NaN equals itself)
-        torch.testing.assert_close(after[name], tensor, rtol=0, atol=0, equal_nan=True)
-    params = {n: (p, p.dtype, p.requires_grad) for n, p in model.named_parameters()}
-    assert params == before["params"]
 
 
 def logits(model):

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from peftkit.adapters import AdaptedSublayer, BottleneckAdapter, adapter_state_d
 from peftkit.lora import LoRALinear, add_lora, export_peft, merge_lora, unmerge_lora
 from peftkit.nf4 import quantize_model
 
-from tiny import tiny_bert, tiny_llama  # noqa: E402
+from tiny import assert_unchanged, snapshot, tiny_bert, tiny_llama  # noqa: E402
 
 torch.set_num_threads(1)
 IDS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
@@ -33,22 +34,6 @@ def randomize_(model, seed=3):
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return model
-
-
-def snapshot(model):
-    """Everything a failed operation must leave as it was: modules, values, flags, attributes."""
-    return ([(n, type(m)) for n, m in model.named_modules()],
-            {n: t.clone() for n, t in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()},
-            sorted(k for k in vars(model) if k in ("adapter_config", "_peftkit_adapters")))
-
-
-def assert_unchanged(model, before):
-    modules, state, flags, attrs = snapshot(model)
-    assert modules == before[0]
-    assert state.keys() == before[1].keys()
-    assert all(torch.equal(t, before[1][n]) for n, t in state.items())  # bit-exact
-    assert flags == before[2] and attrs == before[3]
 
 
 def trained_lora(tmp_path, **kwargs):
@@ -543,13 +528,14 @@ def test_copied_lora_file_still_works_alone(tmp_path):
     assert copy.deepcopy(model).adapter_config.alpha == 4
 
 
-def test_copied_lora_file_saves_only_with_adapter_files_beside_it(tmp_path, monkeypatch):
+def test_copied_lora_file_saves_only_with_adapter_files_beside_it(tmp_path, monkeypatch, request):
     alone = copied_lora(tmp_path)
     model = randomize_(alone.add_lora(tiny_bert(), ["query"], alpha=4))
     with pytest.raises(ImportError, match="adapter_files"):
         alone.save_adapter(model, tmp_path / "a.safetensors")
     copied_lora(tmp_path, "adapter_files.py")
     monkeypatch.syspath_prepend(str(tmp_path))  # the project's folder, where `import adapter_files` finds it
+    request.addfinalizer(lambda: sys.modules.pop("adapter_files", None))  # and forgotten after the test
     path = alone.save_adapter(model, tmp_path / "a.safetensors")
     fresh = tiny_bert()
     assert alone.load_adapter(fresh, path) == model.adapter_config

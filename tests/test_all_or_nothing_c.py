@@ -23,23 +23,9 @@ from peftkit.p_tuning import PromptEncoder, PTuningConfig, PTuningModel, load_ad
 from peftkit.prefix_tuning import PrefixTuningModel
 from peftkit.prompt_tuning import PromptTuningModel, SoftPrompt
 
-from tiny import short_bert, short_llama  # noqa: E402
+from tiny import assert_unchanged, short_bert, short_llama, snapshot  # noqa: E402
 
 N = 4  # virtual tokens / prefix length
-
-
-def snapshot(module):
-    """Every parameter's value and requires_grad flag, and every submodule's training flag."""
-    return ({n: (p.detach().clone(), p.requires_grad) for n, p in module.named_parameters()},
-            {n: m.training for n, m in module.named_modules()})
-
-
-def assert_unchanged(module, before):
-    params, modes = snapshot(module)
-    assert params.keys() == before[0].keys() and modes == before[1]
-    for name, (value, flag) in params.items():
-        assert flag == before[0][name][1], f"{name}: requires_grad changed"
-        assert torch.equal(value, before[0][name][0]), f"{name}: value changed"
 
 
 def word_tokenizer():

@@ -13,7 +13,7 @@ from peftkit.p_tuning import (PromptEncoder, PTuningConfig, PTuningModel, adapte
                               save_adapter)
 from peftkit.prompt_tuning import PromptTuningModel, SoftPrompt
 
-from tiny import short_bert, short_llama  # noqa: E402
+from tiny import assert_unchanged, short_bert, short_llama, snapshot  # noqa: E402
 
 N, HIDDEN = 4, 16  # virtual tokens, encoder hidden size
 
@@ -40,18 +40,6 @@ def batch(seq_len=7):
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, seq_len - 2:] = 0
     return input_ids, attention_mask
-
-
-def values(model):
-    """Every parameter's value and requires_grad flag, to compare before and after a refused load."""
-    return {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
-
-
-def assert_same_values(model, before):
-    after = values(model)
-    assert after.keys() == before.keys()
-    for name, (value, flag) in after.items():
-        assert flag == before[name][1] and torch.equal(value, before[name][0]), name
 
 
 # --- the formula: same prompt and logits as peft -----------------------------------------
@@ -214,11 +202,11 @@ def test_an_exported_model_cannot_take_an_encoder_back(encoder_file):
     _, llama, path = encoder_file
     fresh = PTuningModel(copy.deepcopy(llama), PTuningConfig(N, HIDDEN, "mlp"))
     fresh.export_prompt()
-    before = values(fresh)
+    before = snapshot(fresh)
     with pytest.raises(ValueError, match="cannot take an encoder back"):
         load_adapter(fresh, path)
     assert fresh.exported
-    assert_same_values(fresh, before)
+    assert_unchanged(fresh, before)
 
 
 @pytest.mark.parametrize("config, match", [
@@ -229,21 +217,21 @@ def test_an_exported_model_cannot_take_an_encoder_back(encoder_file):
 def test_load_names_how_an_encoder_file_differs(encoder_file, config, match):
     _, llama, path = encoder_file
     other = PTuningModel(copy.deepcopy(llama), config)
-    before = values(other)
+    before = snapshot(other)
     with pytest.raises(ValueError, match="does not fit this model: its config differs in " + match):
         load_adapter(other, path)
-    assert_same_values(other, before)
+    assert_unchanged(other, before)
 
 
 def test_load_refuses_a_prompt_tuning_file_naming_both_techniques(tmp_path):
     llama = short_llama()
     path = save_adapter(PromptTuningModel(copy.deepcopy(llama), num_virtual_tokens=N), tmp_path / "pt.safetensors")
     model = PTuningModel(copy.deepcopy(llama), PTuningConfig(N, HIDDEN, "lstm"))
-    encoder, before = model.prompt_encoder, values(model)
+    encoder, before = model.prompt_encoder, snapshot(model)
     with pytest.raises(ValueError, match="holds a prompt_tuning adapter, not p_tuning"):
         load_adapter(model, path)
     assert model.prompt_encoder is encoder and not model.exported
-    assert_same_values(model, before)
+    assert_unchanged(model, before)
 
 
 def test_each_load_adapter_refuses_the_other_techniques_wrapper(encoder_file, tmp_path):

@@ -14,7 +14,7 @@ from peftkit.adapter_files import load_tensors
 from peftkit.prompt_tuning import (PromptTuningConfig, PromptTuningModel, SoftPrompt, adapter_state_dict, load_adapter,
                                    save_adapter)
 
-from tiny import short_bert, short_llama  # noqa: E402
+from tiny import assert_unchanged, short_bert, short_llama, snapshot  # noqa: E402
 
 N = 5  # virtual tokens
 
@@ -38,18 +38,6 @@ def batch(seq_len=7):
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, seq_len - 2:] = 0  # the second row is right-padded
     return input_ids, attention_mask
-
-
-def values(model):
-    """Every parameter's value and requires_grad flag, to compare before and after a refused load."""
-    return {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
-
-
-def assert_same_values(model, before):
-    after = values(model)
-    assert after.keys() == before.keys()
-    for name, (value, flag) in after.items():
-        assert flag == before[name][1] and torch.equal(value, before[name][0]), name
 
 
 # --- the formula: same logits as peft ---------------------------------------------------
@@ -324,20 +312,20 @@ def test_save_and_load_round_trip_is_exact(trained):
 def test_load_refuses_a_file_of_another_config_and_changes_nothing(trained, kwargs, match):
     _, bert, path = trained
     other = PromptTuningModel(copy.deepcopy(bert), **kwargs)
-    before = values(other)
+    before = snapshot(other)
     with pytest.raises(ValueError, match="does not fit this model: its config differs in " + match):
         load_adapter(other, path)
-    assert_same_values(other, before)
+    assert_unchanged(other, before)
 
 
 def test_load_refuses_a_p_tuning_file_naming_both_techniques(tmp_path):
     bert = short_bert()
     path = save_adapter(p_tuning.PTuningModel(copy.deepcopy(bert), p_tuning.PTuningConfig(N)), tmp_path / "p.safetensors")
     model = PromptTuningModel(copy.deepcopy(bert), num_virtual_tokens=N)
-    before = values(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="holds a p_tuning adapter, not prompt_tuning"):
         load_adapter(model, path)
-    assert_same_values(model, before)
+    assert_unchanged(model, before)
 
 
 def test_saving_and_loading_need_the_wrapper(trained):

@@ -59,3 +59,29 @@ def short_llama(seed=None, **kwargs):
 def wide_llama(seed=0, *, dtype=torch.float32, **kwargs):
     """tiny_llama 64 wide (intermediate 128), cast to ``dtype``; seed 0 by default."""
     return tiny_llama(seed, dtype=dtype, **{**WIDE_LLAMA, **kwargs})
+
+
+# --- what a refused or interrupted operation must leave exactly as it was ---
+
+def snapshot(model):
+    """The module objects by name, every tensor of the state dict (values and dtypes), each parameter's
+    requires_grad, each module's training flag, and the technique's config (``adapter_config``)."""
+    return {
+        "modules": dict(model.named_modules()),
+        "tensors": {n: t.clone() for n, t in model.state_dict().items()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "attributes": {k: v for k, v in vars(model).items() if k in ("adapter_config", "_peftkit_adapters")},
+    }
+
+
+def assert_unchanged(model, before):
+    after = snapshot(model)
+    assert after["modules"] == before["modules"]  # the same objects under the same names
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for name, tensor in before["tensors"].items():  # bit for bit, dtype included (a planted NaN equals itself)
+        torch.testing.assert_close(after["tensors"][name], tensor, rtol=0, atol=0, equal_nan=True, msg=name)
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["training"] == before["training"]
+    assert after["attributes"].keys() == before["attributes"].keys()
+    assert after["attributes"].get("adapter_config") == before["attributes"].get("adapter_config")
