@@ -41,6 +41,34 @@ except ImportError:  # copied into a project as a plain file, beside prompt_tuni
     from prompt_tuning import (PromptTuningModel, SoftPrompt, _adapter_files, _check_config, _check_wrapper,
                                _module_names, _positive_int, adapter_state_dict, save_adapter)
 
+
+class PromptEncoder(nn.Module):
+    """Virtual-token embeddings reparameterised by a bidirectional LSTM + MLP, or by an MLP."""
+
+    def __init__(self, num_virtual_tokens, token_dim, encoder_hidden_size, kind="mlp", num_layers=2, dropout=0.0):
+        super().__init__()
+        _check_encoder(num_virtual_tokens, token_dim, encoder_hidden_size, kind, num_layers, dropout)
+        self.num_virtual_tokens, self.token_dim, self.kind = num_virtual_tokens, token_dim, kind
+        hidden = encoder_hidden_size
+        self.embedding = nn.Embedding(num_virtual_tokens, token_dim)  # E
+        if kind == "lstm":
+            self.lstm_head = nn.LSTM(token_dim, hidden, num_layers=num_layers, dropout=dropout,
+                                     bidirectional=True, batch_first=True)
+            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(),
+                                          nn.Linear(2 * hidden, token_dim))
+        else:
+            layers = [nn.Linear(token_dim, hidden), nn.ReLU()]
+            for _ in range(num_layers - 1):
+                layers += [nn.Linear(hidden, hidden), nn.ReLU()]
+            self.mlp_head = nn.Sequential(*layers, nn.Linear(hidden, token_dim))
+
+    def forward(self) -> torch.Tensor:
+        x = self.embedding.weight.unsqueeze(0)  # (1, N, D): the N tokens as one sequence
+        if self.kind == "lstm":
+            x = self.lstm_head(x)[0]  # (1, N, 2H): forward and backward states side by side
+        return self.mlp_head(x)[0]  # (N, D)
+
+
 KINDS = ("lstm", "mlp")
 
 
@@ -74,33 +102,11 @@ class PTuningConfig:
             raise TypeError(f"exported must be True or False, got {self.exported!r}")
 
 
-class PromptEncoder(nn.Module):
-    """Virtual-token embeddings reparameterised by a bidirectional LSTM + MLP, or by an MLP."""
-
-    def __init__(self, num_virtual_tokens, token_dim, encoder_hidden_size, kind="mlp", num_layers=2, dropout=0.0):
-        super().__init__()
-        PTuningConfig(num_virtual_tokens, encoder_hidden_size, kind, num_layers, dropout)  # the config's checks
-        _positive_int("token_dim", token_dim)
-        _positive_int("encoder_hidden_size", encoder_hidden_size)  # given here: the model's width is not known
-        self.num_virtual_tokens, self.token_dim, self.kind = num_virtual_tokens, token_dim, kind
-        hidden = encoder_hidden_size
-        self.embedding = nn.Embedding(num_virtual_tokens, token_dim)  # E
-        if kind == "lstm":
-            self.lstm_head = nn.LSTM(token_dim, hidden, num_layers=num_layers, dropout=dropout,
-                                     bidirectional=True, batch_first=True)
-            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(),
-                                          nn.Linear(2 * hidden, token_dim))
-        else:
-            layers = [nn.Linear(token_dim, hidden), nn.ReLU()]
-            for _ in range(num_layers - 1):
-                layers += [nn.Linear(hidden, hidden), nn.ReLU()]
-            self.mlp_head = nn.Sequential(*layers, nn.Linear(hidden, token_dim))
-
-    def forward(self) -> torch.Tensor:
-        x = self.embedding.weight.unsqueeze(0)  # (1, N, D): the N tokens as one sequence
-        if self.kind == "lstm":
-            x = self.lstm_head(x)[0]  # (1, N, 2H): forward and backward states side by side
-        return self.mlp_head(x)[0]  # (N, D)
+def _check_encoder(num_virtual_tokens, token_dim, encoder_hidden_size, kind, num_layers, dropout):
+    """PromptEncoder's arguments: the config's checks, and the two widths it must be given (it sees no model)."""
+    PTuningConfig(num_virtual_tokens, encoder_hidden_size, kind, num_layers, dropout)
+    _positive_int("token_dim", token_dim)
+    _positive_int("encoder_hidden_size", encoder_hidden_size)
 
 
 # --- injecting into a model ---

@@ -33,8 +33,42 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-# Families tested against peft: decoder-only, rotary positions, one cache object read by every layer.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+class PrefixEncoder(nn.Module):
+    """Produces the prefix keys and values of every layer: one (key, value) pair per layer.
+
+    ``projection=True``: embedding -> Linear -> Tanh -> Linear (Li & Liang's MLP).
+    ``projection=False``: the key/value table itself is the parameter (peft's default).
+    Parameter names and layout follow peft's ``PrefixEncoder``, so weights copy across.
+    With grouped-query attention the prefix has ``num_kv_heads`` heads, not the query heads.
+    """
+
+    def __init__(self, num_layers, num_kv_heads, head_dim, num_virtual_tokens, projection=True,
+                 encoder_hidden_size=512):
+        super().__init__()
+        c = PrefixTuningConfig(num_virtual_tokens, projection, encoder_hidden_size, num_layers, num_kv_heads, head_dim)
+        self.num_layers, self.num_kv_heads, self.head_dim = c.num_layers, c.num_kv_heads, c.head_dim  # all checked
+        self.num_virtual_tokens, self.projection = c.num_virtual_tokens, c.projection
+        token_dim = num_kv_heads * head_dim  # one layer's keys (or values) for one position
+        table_dim = num_layers * 2 * token_dim  # keys and values of all layers for one position
+        if self.projection:
+            self.embedding = nn.Embedding(num_virtual_tokens, token_dim)
+            self.transform = nn.Sequential(nn.Linear(token_dim, encoder_hidden_size), nn.Tanh(),
+                                           nn.Linear(encoder_hidden_size, table_dim))
+        else:
+            self.embedding = nn.Embedding(num_virtual_tokens, table_dim)
+
+    def table(self) -> torch.Tensor:
+        """The flat key/value table, (P, num_layers * 2 * num_kv_heads * head_dim)."""
+        if self.projection:
+            return self.transform(self.embedding.weight)
+        return self.embedding.weight
+
+    def forward(self) -> torch.Tensor:
+        """Keys and values of every layer: (num_layers, 2, num_kv_heads, P, head_dim)."""
+        P, L, H, D = self.num_virtual_tokens, self.num_layers, self.num_kv_heads, self.head_dim
+        kv = self.table().view(P, L, 2, H, D)  # (P, L, 2, H, D), 2 = key then value
+        return kv.permute(1, 2, 3, 0, 4)  # (L, 2, H, P, D): the cache layout, minus the batch
 
 
 @dataclass
@@ -60,42 +94,10 @@ class PrefixTuningConfig:
                 _positive_int(name, getattr(self, name))
 
 
-class PrefixEncoder(nn.Module):
-    """Produces the prefix keys and values of every layer: one (key, value) pair per layer.
+# --- injecting into a model ---
 
-    ``projection=True``: embedding -> Linear -> Tanh -> Linear (Li & Liang's MLP).
-    ``projection=False``: the key/value table itself is the parameter (peft's default).
-    Parameter names and layout follow peft's ``PrefixEncoder``, so weights copy across.
-    With grouped-query attention the prefix has ``num_kv_heads`` heads, not the query heads.
-    """
-
-    def __init__(self, num_layers, num_kv_heads, head_dim, num_virtual_tokens, projection=True,
-                 encoder_hidden_size=512):
-        super().__init__()
-        c = PrefixTuningConfig(num_virtual_tokens, projection, encoder_hidden_size, num_layers, num_kv_heads, head_dim)
-        self.num_layers, self.num_kv_heads, self.head_dim = c.num_layers, c.num_kv_heads, c.head_dim  # all checked
-        self.num_virtual_tokens, self.projection = c.num_virtual_tokens, c.projection
-        token_dim = num_kv_heads * head_dim  # one layer's keys (or values) for one position
-        table_dim = num_layers * 2 * token_dim  # keys and values of all layers for one position
-        if self.projection:
-            self.embedding = nn.Embedding(num_virtual_tokens, token_dim)
-            self.transform = nn.Sequential(
-                nn.Linear(token_dim, encoder_hidden_size), nn.Tanh(), nn.Linear(encoder_hidden_size, table_dim)
-            )
-        else:
-            self.embedding = nn.Embedding(num_virtual_tokens, table_dim)
-
-    def table(self) -> torch.Tensor:
-        """The flat key/value table, (P, num_layers * 2 * num_kv_heads * head_dim)."""
-        if self.projection:
-            return self.transform(self.embedding.weight)
-        return self.embedding.weight
-
-    def forward(self) -> torch.Tensor:
-        """Keys and values of every layer: (num_layers, 2, num_kv_heads, P, head_dim)."""
-        P, L, H, D = self.num_virtual_tokens, self.num_layers, self.num_kv_heads, self.head_dim
-        kv = self.table().view(P, L, 2, H, D)  # (P, L, 2, H, D), 2 = key then value
-        return kv.permute(1, 2, 3, 0, 4)  # (L, 2, H, P, D): the cache layout, minus the batch
+# Families tested against peft: decoder-only, rotary positions, one cache object read by every layer.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 class PrefixTuningModel(nn.Module):
@@ -114,9 +116,7 @@ class PrefixTuningModel(nn.Module):
         config = PrefixTuningConfig(num_virtual_tokens, projection, encoder_hidden_size,
                                     *_kv_sizes(model.config))  # checks the prefix length and sizes
         prefix_encoder = PrefixEncoder(**asdict(config)).to(next(model.parameters()).device)
-        # everything is checked: only now is the model frozen
-        for p in model.parameters():
-            p.requires_grad_(False)
+        model.requires_grad_(False)  # everything is checked: only now is the model frozen
         self.base_model, self.prefix_encoder, self.adapter_config = model, prefix_encoder, config
         self._cache_arg, self.cache_class = cache_arg, cache_class
 
@@ -125,8 +125,7 @@ class PrefixTuningModel(nn.Module):
         if self.cache_class is None:
             from transformers import DynamicCache
             self.cache_class = DynamicCache
-        dtype = next(self.base_model.parameters()).dtype
-        kv = self.prefix_encoder().to(dtype)  # (L, 2, H, P, D)
+        kv = self.prefix_encoder().to(next(self.base_model.parameters()).dtype)  # (L, 2, H, P, D), the model's dtype
         cache = self.cache_class()
         for layer, (keys, values) in enumerate(kv):
             # the same prefix for every sequence in the batch: (H, P, D) -> (B, H, P, D)
@@ -159,10 +158,8 @@ class PrefixTuningModel(nn.Module):
                                  f"got shape {tuple(position_ids.shape)}")
             position_ids = position_ids + self.adapter_config.num_virtual_tokens
         kwargs[self._cache_arg] = self.prefix_cache(batch_size)
-        return self.base_model(
-            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            position_ids=position_ids, use_cache=True, **kwargs,
-        )
+        return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=True, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=20, eos_token_id=None, pad_token_id=None,
@@ -178,8 +175,6 @@ class PrefixTuningModel(nn.Module):
                              "pass do_sample=False")
         max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
         batch_size, seq_len = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         mask, positions = self._prefix_inputs(batch_size, seq_len, attention_mask, input_ids.device)
         cache = self.prefix_cache(batch_size)  # grows in place as tokens are read
         tokens, step_input = input_ids, input_ids
@@ -202,9 +197,7 @@ class PrefixTuningModel(nn.Module):
 
     def export_prefix(self) -> torch.Tensor:
         """Run the encoder (and its MLP) once: the keys and values, (num_layers, 2, num_kv_heads, P, head_dim).
-
-        This tensor is all that deployment needs; see ``from_prefix``.
-        """
+        This tensor is all that deployment needs; see ``from_prefix``."""
         with torch.no_grad():
             return self.prefix_encoder().detach().clone()
 

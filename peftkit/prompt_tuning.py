@@ -32,28 +32,6 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-INITS = ("random", "vocab", "text")
-HEAD_NAMES = ("classifier", "score")  # the fresh heads of HF classifiers, peft's modules_to_save
-
-
-@dataclass
-class PromptTuningConfig:
-    """What a PromptTuningModel was built with; saved with the prompt and checked when loading it."""
-
-    technique: ClassVar[str] = "prompt_tuning"  # the tag saved in files
-    num_virtual_tokens: int = 20  # N, the prompt length (peft's num_virtual_tokens)
-    token_dim: int | None = None  # D, the width of a prompt vector; None: the model's embedding size
-    init: str | None = "random"  # "random", "vocab" or "text" (see above); None: a prompt_encoder was given
-    modules_to_save: list[str] | None = None  # trained in full, peft's rule; None: the classifier head if any
-
-    def __post_init__(self):
-        _positive_int("num_virtual_tokens", self.num_virtual_tokens)
-        if self.token_dim is not None:
-            _positive_int("token_dim", self.token_dim)
-        if self.init is not None:
-            _check_init(self.init)
-        self.modules_to_save = _module_names(self.modules_to_save)
-
 
 class SoftPrompt(nn.Module):
     """The N x D learned prompt. Named like peft's ``PromptEmbedding`` (``embedding.weight``)."""
@@ -61,16 +39,13 @@ class SoftPrompt(nn.Module):
     def __init__(self, num_virtual_tokens, token_dim, init="random", word_embeddings=None,
                  init_text=None, tokenizer=None):
         super().__init__()
-        _positive_int("num_virtual_tokens", num_virtual_tokens)
-        _positive_int("token_dim", token_dim)
-        _check_init(init)
+        _check_prompt(num_virtual_tokens, token_dim, init)
         self.num_virtual_tokens, self.token_dim = num_virtual_tokens, token_dim
         self.embedding = nn.Embedding(num_virtual_tokens, token_dim)  # N(0, 1): the "random" init
-        if init != "random":
-            token_ids = _init_token_ids(init, num_virtual_tokens, token_dim, word_embeddings, init_text, tokenizer)
+        if init != "random":  # "vocab" or "text": start from rows of the model's embedding table
+            ids = _init_token_ids(init, num_virtual_tokens, token_dim, word_embeddings, init_text, tokenizer)
             with torch.no_grad():
-                rows = word_embeddings(token_ids.to(word_embeddings.weight.device))  # (N, D)
-                self.embedding.weight.copy_(rows.float())
+                self.embedding.weight.copy_(word_embeddings(ids.to(word_embeddings.weight.device)).float())  # (N, D)
 
     def forward(self) -> torch.Tensor:
         return self.embedding.weight  # (N, D)
@@ -103,22 +78,13 @@ class PromptTuningModel(nn.Module):
             prompt_encoder = SoftPrompt(num_virtual_tokens, dim, init, word_embeddings, init_text, tokenizer)
         else:
             init = None  # the given encoder starts its prompt its own way
-        config = PromptTuningConfig(prompt_encoder.num_virtual_tokens, prompt_encoder.token_dim, init, modules_to_save)
-        _check_fits(model, prompt_encoder)
-        saved_names, saved_modules = _modules_to_save(model, config.modules_to_save)
+        config, trained_modules = _wrapper_config(model, prompt_encoder, init, modules_to_save)  # all the checks
         # HF's own test for a generating model (a causal LM); a classifier has no generate().
         self.is_causal_lm = bool(getattr(model, "can_generate", lambda: False)())
-        # everything is checked: only now is the model changed
-        model.requires_grad_(False)
-        for module in saved_modules:
+        model.requires_grad_(False)  # everything is checked: only now is the model changed
+        for module in trained_modules:
             module.requires_grad_(True)
-        self.adapter_config = replace(config, modules_to_save=saved_names)
-        self.base_model = model
-        self.prompt_encoder = prompt_encoder
-
-    @property
-    def num_virtual_tokens(self) -> int:
-        return self.adapter_config.num_virtual_tokens
+        self.adapter_config, self.base_model, self.prompt_encoder = config, model, prompt_encoder
 
     def prompt_inputs(self, input_ids, attention_mask=None):
         """The model inputs with the prompt in front: (inputs_embeds (B, N+T, D), attention_mask (B, N+T))."""
@@ -170,15 +136,42 @@ class PromptTuningModel(nn.Module):
         per_input = new_tokens.shape[0] // input_ids.shape[0]  # num_return_sequences, HF repeats each row k times
         return torch.cat([input_ids.repeat_interleave(per_input, dim=0), new_tokens], dim=1)
 
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.adapter_config.num_virtual_tokens
+
+
+INITS = ("random", "vocab", "text")
+HEAD_NAMES = ("classifier", "score")  # the fresh heads of HF classifiers, peft's modules_to_save
+
+
+@dataclass
+class PromptTuningConfig:
+    """What a PromptTuningModel was built with; saved with the prompt and checked when loading it."""
+
+    technique: ClassVar[str] = "prompt_tuning"  # the tag saved in files
+    num_virtual_tokens: int = 20  # N, the prompt length (peft's num_virtual_tokens)
+    token_dim: int | None = None  # D, the width of a prompt vector; None: the model's embedding size
+    init: str | None = "random"  # "random", "vocab" or "text" (see above); None: a prompt_encoder was given
+    modules_to_save: list[str] | None = None  # trained in full, peft's rule; None: the classifier head if any
+
+    def __post_init__(self):
+        _check_prompt(self.num_virtual_tokens, self.token_dim, self.init, none_allowed=True)
+        self.modules_to_save = _module_names(self.modules_to_save)
+
+
+def _check_prompt(num_virtual_tokens, token_dim, init, none_allowed=False):
+    """Two positive sizes and one of INITS; none_allowed (the config): token_dim, init may be None."""
+    _positive_int("num_virtual_tokens", num_virtual_tokens)
+    if token_dim is not None or not none_allowed:
+        _positive_int("token_dim", token_dim)
+    if (init is not None or not none_allowed) and init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+
 
 def _positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_init(init):
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
 
 
 def _module_names(names):
@@ -213,8 +206,9 @@ def _max_positions(model):
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
-def _check_fits(model, prompt_encoder):
-    """The prompt has the model's width and leaves room for at least one input token."""
+def _wrapper_config(model, prompt_encoder, init, modules_to_save):
+    """The checked config and the modules trained besides the prompt (which must fit the model)."""
+    config = PromptTuningConfig(prompt_encoder.num_virtual_tokens, prompt_encoder.token_dim, init, modules_to_save)
     model_dim = model.get_input_embeddings().embedding_dim
     if prompt_encoder.token_dim != model_dim:
         raise ValueError(f"the prompt has token_dim={prompt_encoder.token_dim} but the model's embedding "
@@ -223,6 +217,8 @@ def _check_fits(model, prompt_encoder):
     if max_positions is not None and n >= max_positions:
         raise ValueError(f"num_virtual_tokens={n} leaves no room for input: the model has "
                          f"max_position_embeddings={max_positions}; use fewer than {max_positions}")
+    names, modules = _modules_to_save(model, config.modules_to_save)
+    return replace(config, modules_to_save=names), modules
 
 
 def _check_length(model, n, seq_len):
@@ -289,7 +285,6 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
 
 def save_adapter(model, path):
     """Write the trained tensors and ``model.adapter_config`` to one safetensors file; returns its Path."""
-    _check_wrapper(model)
     return _adapter_files().write_adapter(adapter_state_dict(model), path, model.adapter_config)
 
 
