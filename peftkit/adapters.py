@@ -39,46 +39,14 @@ import torch
 from torch import nn
 
 NON_LINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "swish": nn.SiLU}
-# Which sublayers of each transformer layer get an adapter, and whether the layer's norms train.
-PLACEMENTS = {
-    "houlsby": {"sublayers": ("attention", "feed_forward"), "train_norms": True},
-    "pfeiffer": {"sublayers": ("feed_forward",), "train_norms": False},
-}
-
-
-@dataclass
-class AdapterConfig:
-    """What ``add_adapters`` did; saved with the adapters so that it can be redone before loading."""
-
-    technique: ClassVar[str] = "bottleneck_adapters"  # the tag in saved files, checked on load
-    placement: str = "houlsby"      # "houlsby": after attention and feed-forward; "pfeiffer": feed-forward only
-    reduction_factor: float = 16    # bottleneck size m = hidden_size / reduction_factor
-    non_linearity: str = "relu"     # f between the projections, a key of NON_LINEARITIES
-    init_std: float = 1e-3          # std of the normal init of both weights (biases start at 0)
-    modules_to_save: tuple = ()     # module names (or name endings) that train in full, e.g. ("classifier",)
-
-    def __post_init__(self):
-        _check_choice("adapter config (placement)", self.placement, PLACEMENTS)
-        _check_choice("non_linearity", self.non_linearity, NON_LINEARITIES)
-        _check_reduction_factor(self.reduction_factor)  # whether it divides is checked per hidden size
-        if not isinstance(self.init_std, (int, float)) or not self.init_std > 0:
-            # 0 would zero both weights: f(0) = 0 for relu, so no gradient could reach them.
-            raise ValueError(f"init_std must be a positive number (e.g. 1e-3), got {self.init_std!r}")
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = (self.modules_to_save,)
-        self.modules_to_save = tuple(self.modules_to_save)
 
 
 class BottleneckAdapter(nn.Module):
     """h -> h + adapter_up(f(adapter_down(h))), near the identity at initialisation."""
-
     def __init__(self, hidden_size: int, reduction_factor: float = 16, non_linearity: str = "relu",
                  init_std: float = 1e-3):
         super().__init__()
-        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
-            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
-        # The config checks these knobs, with the same messages add_adapters gives.
-        AdapterConfig(reduction_factor=reduction_factor, non_linearity=non_linearity, init_std=init_std)
+        _check_adapter_args(hidden_size, reduction_factor, non_linearity, init_std)  # the helpful errors, below
         self.hidden_size = hidden_size
         self.bottleneck_size = bottleneck_size(hidden_size, reduction_factor)
         self.adapter_down = nn.Linear(hidden_size, self.bottleneck_size)
@@ -99,11 +67,9 @@ class BottleneckAdapter(nn.Module):
 
 class AdaptedSublayer(nn.Module):
     """A frozen sublayer followed by its adapter: forward(x) = adapter(base(x))."""
-
     def __init__(self, base: nn.Module, adapter: BottleneckAdapter):
         super().__init__()
-        self.base = base
-        self.adapter = adapter
+        self.base, self.adapter = base, adapter
 
     def forward(self, *args, **kwargs):
         return self.adapter(self.base(*args, **kwargs))
@@ -115,15 +81,46 @@ def bottleneck_size(hidden_size: int, reduction_factor: float) -> int:
     size = hidden_size / reduction_factor
     if size < 1 or size != int(size):
         divisors = [k for k in range(1, hidden_size + 1) if hidden_size % k == 0]
-        raise ValueError(
-            f"reduction_factor={reduction_factor} does not divide hidden_size={hidden_size} into a "
-            f"whole, positive bottleneck (got {size:g}); reduction factors that do: {divisors}")
+        raise ValueError(f"reduction_factor={reduction_factor} does not divide hidden_size={hidden_size} into a "
+                         f"whole, positive bottleneck (got {size:g}); reduction factors that do: {divisors}")
     return int(size)
 
 
+# --- injecting into a model ---
+# Which sublayers of each transformer layer get an adapter, and whether the layer's norms train.
+PLACEMENTS = {"houlsby": {"sublayers": ("attention", "feed_forward"), "train_norms": True},
+              "pfeiffer": {"sublayers": ("feed_forward",), "train_norms": False}}
+
+
+@dataclass
+class AdapterConfig:
+    """What ``add_adapters`` did; saved with the adapters so that it can be redone before loading."""
+    technique: ClassVar[str] = "bottleneck_adapters"  # the tag in saved files, checked on load
+    placement: str = "houlsby"      # "houlsby": after attention and feed-forward; "pfeiffer": feed-forward only
+    reduction_factor: float = 16    # bottleneck size m = hidden_size / reduction_factor
+    non_linearity: str = "relu"     # f between the projections, a key of NON_LINEARITIES
+    init_std: float = 1e-3          # std of the normal init of both weights (biases start at 0)
+    modules_to_save: tuple = ()     # module names (or name endings) that train in full, e.g. ("classifier",)
+
+    def __post_init__(self):
+        _check_choice("adapter config (placement)", self.placement, PLACEMENTS)
+        _check_choice("non_linearity", self.non_linearity, NON_LINEARITIES)
+        _check_reduction_factor(self.reduction_factor)  # whether it divides is checked per hidden size
+        if not isinstance(self.init_std, (int, float)) or not self.init_std > 0:
+            # 0 would zero both weights: f(0) = 0 for relu, so no gradient could reach them.
+            raise ValueError(f"init_std must be a positive number (e.g. 1e-3), got {self.init_std!r}")
+        names = self.modules_to_save
+        self.modules_to_save = (names,) if isinstance(names, str) else tuple(names)
+
+
+def _check_adapter_args(hidden_size, reduction_factor, non_linearity, init_std) -> None:  # BottleneckAdapter's checks
+    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+        raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+    AdapterConfig("houlsby", reduction_factor, non_linearity, init_std)  # the same checks and messages as add_adapters
+
+
 def _check_reduction_factor(reduction_factor):
-    if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, (int, float)) \
-            or not reduction_factor > 0:
+    if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, (int, float)) or not reduction_factor > 0:
         raise ValueError(f"reduction_factor must be a positive number (e.g. 16), got {reduction_factor!r}")
 
 
@@ -131,8 +128,6 @@ def _check_choice(what: str, value, valid: dict):
     if value not in valid:
         raise ValueError(f"unknown {what} {value!r}; valid ones: {sorted(valid)}")
 
-
-# --- injecting into a model ---
 
 # Where each model family keeps, inside one transformer layer, the two projections an adapter can
 # follow and the norms that "houlsby" trains. A layer is recognised when all four paths exist.
@@ -146,24 +141,22 @@ FAMILIES = {
 
 def _has_submodule(module: nn.Module, path: str) -> bool:
     try:
-        module.get_submodule(path)  # an AttributeError if a part is missing or not a module
+        return module.get_submodule(path) is not None  # an AttributeError if a part is missing or not a module
     except AttributeError:
         return False
-    return True
 
 
 def find_layers(model: nn.Module) -> tuple[str, list[tuple[str, nn.Module]]]:
     """(family, [(name, layer), ...]): the transformer layers adapters can be placed in."""
+    looked_for = []
     for family, parts in FAMILIES.items():
         paths = (parts["attention"], parts["feed_forward"], *parts["norms"])
         layers = [(n, m) for n, m in model.named_modules() if all(_has_submodule(m, p) for p in paths)]
         if layers:
             return family, layers
-    looked_for = "; ".join(
-        f"{family}: a layer with {', '.join((p['attention'], p['feed_forward'], *p['norms']))}"
-        for family, p in FAMILIES.items())
+        looked_for.append(f"{family}: a layer with {', '.join(paths)}")
     raise ValueError(f"cannot place adapters in {type(model).__name__}: found no transformer layer of a "
-                     f"known family. Looked for {looked_for}.")
+                     f"known family. Looked for {'; '.join(looked_for)}.")
 
 
 def _modules_to_save(model: nn.Module, targets) -> dict[str, nn.Module]:
@@ -172,9 +165,8 @@ def _modules_to_save(model: nn.Module, targets) -> dict[str, nn.Module]:
     for target in targets:
         hits = {n: m for n, m in model.named_modules() if n == target or n.endswith("." + target)}
         if not hits:
-            raise ValueError(f"modules_to_save entry {target!r} matches no module of "
-                             f"{type(model).__name__}; its top-level modules are "
-                             f"{[n for n, _ in model.named_children()]}")
+            raise ValueError(f"modules_to_save entry {target!r} matches no module of {type(model).__name__}; "
+                             f"its top-level modules are {[n for n, _ in model.named_children()]}")
         found.update(hits)
     return found
 
@@ -184,16 +176,12 @@ def add_adapters(model: nn.Module, config="houlsby", **overrides) -> nn.Module:
 
     ``config`` is a placement name ("houlsby" or "pfeiffer") or an AdapterConfig; keyword
     arguments (reduction_factor, non_linearity, init_std, modules_to_save) override its fields.
-    The config used is kept as ``model.adapter_config``.
-    """
+    The config used is kept as ``model.adapter_config``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"add_adapters needs a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(config, str):
-        config = AdapterConfig(placement=config, **overrides)
-    elif isinstance(config, AdapterConfig):
-        config = replace(config, **overrides)
-    else:
+    if not isinstance(config, (str, AdapterConfig)):
         raise TypeError(f"config must be one of {sorted(PLACEMENTS)} or an AdapterConfig, got {config!r}")
+    config = AdapterConfig(placement=config, **overrides) if isinstance(config, str) else replace(config, **overrides)
     carried = getattr(vars(model).get("adapter_config"), "technique", None)
     if carried not in (None, AdapterConfig.technique):
         raise ValueError(f"this model already carries {carried} (model.adapter_config): one technique per model")
@@ -201,7 +189,6 @@ def add_adapters(model: nn.Module, config="houlsby", **overrides) -> nn.Module:
         raise ValueError("this model already has adapters: call remove_adapters(model) before adding again")
     family, layers = find_layers(model)
     to_save = _modules_to_save(model, config.modules_to_save)
-
     # Build every wrapper before touching the model, so a bad reduction factor changes nothing.
     plan = []
     for _, layer in layers:
@@ -214,8 +201,7 @@ def add_adapters(model: nn.Module, config="houlsby", **overrides) -> nn.Module:
             adapter = BottleneckAdapter(base.out_features, config.reduction_factor,
                                         config.non_linearity, config.init_std)
             weight = getattr(base, "weight", None)  # a tensor, or a 4-bit peftkit.nf4.NF4Tensor
-            if getattr(weight, "device", None) is not None:
-                # Same device as the base; same dtype unless the base is quantized (then float32).
+            if getattr(weight, "device", None) is not None:  # its device; its dtype unless quantized (then float32)
                 floating = isinstance(weight, torch.Tensor) and weight.is_floating_point()
                 adapter.to(weight.device, weight.dtype if floating else torch.float32)
             plan.append((layer, path, AdaptedSublayer(base, adapter)))
@@ -253,8 +239,7 @@ def remove_adapters(model: nn.Module) -> nn.Module:
     """Put the original projections back and restore each parameter's requires_grad, in place.
 
     Norms ("houlsby") and modules_to_save keep the values they were trained to: they are
-    the model's own modules, not wrappers, so save them (save_adapter) to keep both versions.
-    """
+    the model's own modules, not wrappers, so save them (save_adapter) to keep both versions."""
     if not any(isinstance(m, AdaptedSublayer) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} has no adapters to remove")
     _unwrap(model, vars(model).get("_peftkit_adapters", {}).get("requires_grad", {}))
@@ -262,7 +247,6 @@ def remove_adapters(model: nn.Module) -> nn.Module:
 
 
 # --- saving ---
-
 def _adapter_files():
     """adapter_files.py (and safetensors) do the saving; the technique itself needs only torch."""
     try:
@@ -292,8 +276,7 @@ def load_adapter(model: nn.Module, path) -> AdapterConfig:
     A model without adapters first gets them, with the saved config. Another technique's file,
     other keys than adapter_state_dict's (a frozen base weight, say), missing keys, another shape
     or config are a ValueError saying what differs. On that or any other error (an I/O error,
-    an interruption) the model is left as it was.
-    """
+    an interruption) the model is left as it was."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapter needs a torch.nn.Module, got {type(model).__name__}")
     files = _adapter_files()
@@ -304,8 +287,7 @@ def load_adapter(model: nn.Module, path) -> AdapterConfig:
     try:
         ours = model.adapter_config
         keys = ("placement", "reduction_factor", "non_linearity", "modules_to_save")
-        diff = {k: (getattr(saved, k), getattr(ours, k)) for k in keys if getattr(saved, k) != getattr(ours, k)}
-        if diff:
+        if diff := {k: (getattr(saved, k), getattr(ours, k)) for k in keys if getattr(saved, k) != getattr(ours, k)}:
             raise ValueError(f"{path} holds adapters with a different config, as (file, model): {diff}; "
                              f"add_adapters with the file's config {saved} before loading")
         files.copy_tensors(model, tensors, adapter_state_dict(model), source=path, config=asdict(saved))

@@ -29,46 +29,15 @@ import torch
 from torch import nn
 
 
-@dataclass
-class LoRAConfig:
-    """What ``add_lora`` did (``model.adapter_config``), saved with the tensors; checks its own fields."""
-    technique: ClassVar[str] = "lora"  # the tag saved in adapter files
-    target_modules: list[str]  # full names of the wrapped linears
-    rank: int = 8  # peft's `r`: inner dimension of B A
-    alpha: float = 16  # peft's `lora_alpha`
-    dropout: float = 0.0  # peft's `lora_dropout`, on the LoRA path's input only
-    rslora: bool = False  # peft's `use_rslora`: scaling = alpha / sqrt(rank)
-    modules_to_save: list[str] = field(default_factory=list)  # full names of modules trained in full
-
-    def __post_init__(self):
-        for arg in ("target_modules", "modules_to_save"):
-            names = [getattr(self, arg)] if isinstance(getattr(self, arg), str) else getattr(self, arg)
-            if not isinstance(names, (list, tuple, set)) or not all(isinstance(n, str) for n in names):
-                raise TypeError(f"{arg} must be a module name or a list of names, got {names!r}")
-            setattr(self, arg, list(names))
-        rank, alpha, dropout = self.rank, self.alpha, self.dropout
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-            raise ValueError(f"rank (peft's r) must be a positive int such as 8, got {rank!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:  # NaN too
-            raise ValueError(f"alpha must be a positive finite number such as 16 (scaling = alpha/rank), got {alpha!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"dropout is a probability in [0, 1), got {dropout!r}")
-        if not isinstance(self.rslora, bool):
-            raise TypeError(f"rslora must be True or False, got {self.rslora!r}")
-
-
 class LoRALinear(nn.Module):
     """A frozen linear ``base`` plus a trainable low-rank update ``scaling * B A``."""
     def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
-        if not _is_linear(base):
-            raise TypeError(f"LoRALinear wraps an nn.Linear or a peftkit 4-bit linear, got {type(base).__name__}")
-        LoRAConfig([], rank, alpha, dropout, rslora)  # checks the hyperparameters
+        _check_layer_args(base, rank, alpha, dropout, rslora)  # the helpful errors, below
         self.base, self.rank, self.alpha, self.rslora = base, rank, alpha, rslora
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # Small updates vanish when rounded to bf16/fp16 (or 4 bits), so the factors stay in
-        # float32 whatever the base holds (float64 stays float64) -- as peft does by default.
+        # float32 factors over any base (float64 stays), as in peft: small updates would vanish in bf16/fp16/4 bits
         dtype = torch.float64 if isinstance(base, nn.Linear) and base.weight.dtype == torch.float64 else torch.float32
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=dtype)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=dtype)
@@ -82,8 +51,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             return result
         x = x.to(self.lora_A.weight.dtype)
-        # x -> (..., rank) -> (..., out): the (out, in) matrix delta W is never built here.
-        update = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        update = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling  # (..., rank) -> (..., out), no delta W
         return (result + update).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -113,6 +81,39 @@ class LoRALinear(nn.Module):
 
 
 # --- injecting into a model ---
+@dataclass
+class LoRAConfig:
+    """What ``add_lora`` did (``model.adapter_config``), saved with the tensors; checks its own fields."""
+    technique: ClassVar[str] = "lora"  # the tag saved in adapter files
+    target_modules: list[str]  # full names of the wrapped linears
+    rank: int = 8  # peft's `r`: inner dimension of B A
+    alpha: float = 16  # peft's `lora_alpha`; positive and finite (`not 0 < alpha < inf` refuses NaN too)
+    dropout: float = 0.0  # peft's `lora_dropout`, on the LoRA path's input only
+    rslora: bool = False  # peft's `use_rslora`: scaling = alpha / sqrt(rank)
+    modules_to_save: list[str] = field(default_factory=list)  # full names of modules trained in full
+
+    def __post_init__(self):
+        for arg in ("target_modules", "modules_to_save"):
+            names = [getattr(self, arg)] if isinstance(getattr(self, arg), str) else getattr(self, arg)
+            if not isinstance(names, (list, tuple, set)) or not all(isinstance(n, str) for n in names):
+                raise TypeError(f"{arg} must be a module name or a list of names, got {names!r}")
+            setattr(self, arg, list(names))
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise ValueError(f"rank (peft's r) must be a positive int such as 8, got {self.rank!r}")
+        if isinstance(alpha := self.alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+            raise ValueError(f"alpha must be a positive finite number such as 16 (scaling = alpha/rank), got {alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout is a probability in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.rslora, bool):
+            raise TypeError(f"rslora must be True or False, got {self.rslora!r}")
+
+
+def _check_layer_args(base, rank, alpha, dropout, rslora) -> None:  # LoRALinear's checks
+    if not _is_linear(base):
+        raise TypeError(f"LoRALinear wraps an nn.Linear or a peftkit 4-bit linear, got {type(base).__name__}")
+    LoRAConfig([], rank, alpha, dropout, rslora)  # checks the hyperparameters
+
+
 def _is_linear(module: nn.Module) -> bool:  # a 4-bit linear is duck-typed: this file must work copied alone
     return isinstance(module, nn.Linear) or bool(getattr(type(module), "is_peftkit_4bit", False))
 
@@ -130,8 +131,7 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 
 
 def _lora_config(model: nn.Module, required: bool = False) -> LoRAConfig | None:  # model.adapter_config if LoRA's
-    config = vars(model).get("adapter_config")
-    if required and not isinstance(config, LoRAConfig):
+    if not isinstance(config := vars(model).get("adapter_config"), LoRAConfig) and required:
         raise ValueError("the model has no LoRA config (model.adapter_config): call add_lora(model, target_modules)")
     return config if isinstance(config, LoRAConfig) else None
 
