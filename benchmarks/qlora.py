@@ -47,7 +47,7 @@ def build(kind: str, ckpt: bool):
     """One variant of SmolLM2, ready to train: (model, exact bytes of its weights)."""
     from peftkit.lora import add_lora
     from peftkit.models import load_causal_lm
-    from peftkit.nf4_linear import NF4Linear
+    from peftkit.nf4 import NF4Linear
     from peftkit.qlora import prepare_for_qlora
     from peftkit.train import enable_checkpointing
 

@@ -1,6 +1,6 @@
 """QLoRA: Efficient Finetuning of Quantized LLMs (Dettmers et al., 2023, arXiv:2305.14314).
 
-QLoRA is LoRA (``peftkit/lora.py``) on a base stored in 4-bit NF4 (``peftkit/nf4.py``, ``peftkit/nf4_linear.py``):
+QLoRA is LoRA (``peftkit/lora.py``) on a base stored in 4-bit NF4 (``peftkit/nf4.py``):
 
     y = dequant(W_nf4) x + b + scaling * B (A x)      dequant(W_nf4): rebuilt in x's dtype each call
 
@@ -17,7 +17,7 @@ kept in float32. The paper's third part, paged optimizers, only matters on a GPU
 Merging into the 4-bit base is possible but lossy: NF4(W + delta W) is re-rounded to the same
 coarse grid, and delta W is usually far smaller than a grid step, so most of it is rounded
 away (``requantized_update_error`` measures how much). Merging into the original float
-weights keeps the update whole. This file needs ``lora.py``, ``nf4.py`` and ``nf4_linear.py`` beside it.
+weights keeps the update whole. This file needs ``lora.py`` and ``nf4.py`` beside it.
 """
 
 import torch
@@ -25,12 +25,10 @@ from torch import nn
 
 try:
     from .lora import LoRAConfig, LoRALinear
-    from .nf4 import quantize_nf4
-    from .nf4_linear import NF4Linear, quantize_model, replace_modules
-except ImportError:  # copied into a project as plain files, beside lora.py, nf4.py and nf4_linear.py
+    from .nf4 import NF4Linear, quantize_model, quantize_nf4, replace_modules
+except ImportError:  # copied into a project as plain files, beside lora.py and nf4.py
     from lora import LoRAConfig, LoRALinear
-    from nf4 import quantize_nf4
-    from nf4_linear import NF4Linear, quantize_model, replace_modules
+    from nf4 import NF4Linear, quantize_model, quantize_nf4, replace_modules
 
 
 def prepare_for_qlora(model: nn.Module, skip=("lm_head", "classifier"), double_quant: bool = True,

@@ -39,7 +39,7 @@ def default_device() -> torch.device:
 def count_parameters(model: torch.nn.Module, name: str = "model", show: bool = True) -> dict:
     """Trainable / total parameters and the trainable percentage (shared tensors counted once).
 
-    Frozen 4-bit weights (``peftkit.nf4_linear.NF4Linear``) are not ``Parameter``s; they count in the total.
+    Frozen 4-bit weights (``peftkit.nf4.NF4Linear``) are not ``Parameter``s; they count in the total.
     """
     seen, total, trainable = set(), 0, 0
     for p in model.parameters():

@@ -17,8 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from peftkit.adapters import AdaptedSublayer, add_adapters, load_adapter, remove_adapters, save_adapter
 from peftkit.lora import LoRAConfig, LoRALinear, add_lora
-from peftkit.nf4 import PARTS, quantize_nf4
-from peftkit.nf4_linear import NF4Linear, quantize_model
+from peftkit.nf4 import PARTS, NF4Linear, quantize_model, quantize_nf4
 from peftkit.qlora import merge_into_4bit, merge_into_float, merged_weight, prepare_for_qlora, requantized_update_error
 
 from tiny import assert_unchanged, snapshot, wide_llama  # noqa: E402

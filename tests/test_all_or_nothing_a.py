@@ -17,7 +17,7 @@ import peftkit.adapters as adapters_module
 from peftkit import adapter_files, lora
 from peftkit.adapters import AdaptedSublayer, BottleneckAdapter, adapter_state_dict, add_adapters, remove_adapters
 from peftkit.lora import LoRALinear, add_lora, export_peft, merge_lora, unmerge_lora
-from peftkit.nf4_linear import quantize_model
+from peftkit.nf4 import quantize_model
 
 from tiny import assert_unchanged, snapshot, tiny_bert, tiny_llama  # noqa: E402
 

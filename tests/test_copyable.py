@@ -64,12 +64,7 @@ from nf4 import quantize_nf4
 w = torch.randn(8, 64)
 assert (quantize_nf4(w).dequantize() - w).abs().max() < 0.5
 """),
-    "nf4_linear": (["nf4"], """
-from nf4_linear import quantize_model
-model = quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2)), skip=())
-model(torch.randn(3, 64))
-"""),
-    "qlora": (["lora", "nf4", "nf4_linear"], """
+    "qlora": (["lora", "nf4"], """
 from lora import add_lora
 from qlora import prepare_for_qlora
 model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))

@@ -332,7 +332,7 @@ def test_merge_lora_leaves_another_techniques_config():
 
 
 class Fake4bit(nn.Module):
-    """Stands in for peftkit.nf4_linear.NF4Linear: same attributes, same class flag."""
+    """Stands in for peftkit.nf4.NF4Linear: same attributes, same class flag."""
 
     is_peftkit_4bit = True
 

@@ -1,4 +1,4 @@
-"""peftkit.nf4 (and nf4_linear's NF4Linear) against bitsandbytes 0.50.2 on the CPU.
+"""peftkit.nf4 against bitsandbytes 0.50.2 on the CPU.
 
 Which bitsandbytes is the reference (issue 7): its own semantics as the pure-PyTorch backend
 states them (bitsandbytes/backends/default/ops.py). We call that code itself, eagerly:
@@ -31,16 +31,17 @@ from torch import nn
 from peftkit.nf4 import (
     DYNAMIC_CODE,
     NF4_CODE,
+    NF4Linear,
     NF4Tensor,
     _fast_quantize_blockwise,
     dequantize_blockwise,
     nf4_code_from_quantiles,
     pack_nibbles,
     quantize_blockwise,
+    quantize_model,
     quantize_nf4,
     unpack_nibbles,
 )
-from peftkit.nf4_linear import NF4Linear, quantize_model
 from peftkit.train import count_parameters
 
 from tiny import wide_llama  # noqa: E402

@@ -45,7 +45,7 @@ def test_ci_runs_the_readme_test_command_with_the_cpu_wheel():
 
 def test_technique_files_import_only_torch():
     allowed = {"torch"} | set(sys.stdlib_module_names)
-    for name in ["lora", "adapters", "prompt_tuning", "p_tuning", "prefix_tuning", "nf4", "nf4_linear", "qlora"]:
+    for name in ["lora", "adapters", "prompt_tuning", "p_tuning", "prefix_tuning", "nf4", "qlora"]:
         path = ROOT / "peftkit" / f"{name}.py"
         if not path.exists():
             continue

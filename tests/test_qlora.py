@@ -11,8 +11,7 @@ from safetensors import safe_open
 from torch import nn
 
 from peftkit.lora import LoRALinear, add_lora, load_adapter, save_adapter
-from peftkit.nf4 import NF4Tensor, quantize_nf4
-from peftkit.nf4_linear import NF4Linear
+from peftkit.nf4 import NF4Linear, NF4Tensor, quantize_nf4
 from peftkit.qlora import (
     merge_into_4bit,
     merge_into_float,
