@@ -393,14 +393,14 @@ def test_an_interrupted_load_leaves_the_model_as_it_was(tmp_path, monkeypatch):
     assert_unchanged(ours, before)
 
 
-@pytest.mark.parametrize("call", [adapter_state_dict, lambda m: save_adapter(m, "unused.safetensors"),
-                                  lambda m: load_adapter(m, "unused.safetensors")])
-def test_saving_and_loading_take_the_wrapper_not_the_language_model(call):
+@pytest.mark.parametrize("call", [lambda m, d: adapter_state_dict(m), lambda m, d: save_adapter(m, d / "a.safetensors"),
+                                  lambda m, d: load_adapter(m, d / "a.safetensors")])
+def test_saving_and_loading_take_the_wrapper_not_the_language_model(call, tmp_path):
     with pytest.raises(TypeError, match="PrefixTuningModel"):
-        call(tiny_lm())
+        call(tiny_lm(), tmp_path)
 
 
-def test_the_file_works_alone_with_torch_only():
+def test_the_file_works_alone_with_torch_only(tmp_path):
     path = Path(__file__).parents[1] / "peftkit" / "prefix_tuning.py"
     spec = importlib.util.spec_from_file_location("prefix_tuning_alone", path)
     alone = importlib.util.module_from_spec(spec)
@@ -408,7 +408,7 @@ def test_the_file_works_alone_with_torch_only():
     wrapped = alone.PrefixTuningModel(tiny_lm(), num_virtual_tokens=P, projection=False)
     assert wrapped(input_ids=ids()).logits.shape == (2, 6, VOCAB_SIZE)
     with pytest.raises(ImportError, match="adapter_files"):
-        alone.save_adapter(wrapped, "unused.safetensors")
+        alone.save_adapter(wrapped, tmp_path / "a.safetensors")
 
 
 # --- checks ---
