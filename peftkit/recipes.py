@@ -26,7 +26,9 @@ The protocol:
     history = train(model, tokenizer, recipe, splits, seed=0)
 """
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -147,3 +149,33 @@ def run(name: str, seed: int = 0, splits=None, **overrides) -> tuple[torch.nn.Mo
     model, tokenizer = classifier(seed)
     model = recipe.build(model, tokenizer)
     return model, train(model, tokenizer, recipe, splits, seed=seed, desc=name, **overrides)
+
+
+# --- the recorded comparison -------------------------------------------------------------------
+
+COMPARE_JSON = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.json"
+CONTEXT = ("linear probe", "full fine-tuning", "LoRA q/v", "LoRA all-linear")  # every notebook's yardsticks
+
+
+def recorded(path: str | Path = COMPARE_JSON) -> dict[str, dict]:
+    """``benchmarks/compare.json``'s topic-task rows by method: the recipe run on 3 seeds each."""
+    rows = json.loads(Path(path).read_text())["topic_classification"]
+    return {row["method"]: row for row in rows}
+
+
+def results_table(methods=(), this_notebook: dict[str, str] | None = None,
+                  path: str | Path = COMPARE_JSON) -> str:
+    """A table of the recorded mean ± std of 3 seeds for ``methods``, under the course's yardsticks
+    (``CONTEXT``: probe, full fine-tuning, LoRA), with a notebook's own runs in the last column."""
+    rows, ours = recorded(path), this_notebook or {}
+    unknown = [m for m in [*methods, *ours] if m not in rows]
+    if unknown:
+        raise KeyError(f"not in {Path(path).name}: {unknown}; recorded methods: {sorted(rows)}")
+    full = rows["full fine-tuning"]["test_accuracy_mean"]
+    lines = [f"{'recorded, 3 seeds':<19}{'trainable':>10}{'test accuracy':>16}{'vs full FT':>12}{'this notebook':>15}"]
+    for method in dict.fromkeys([*CONTEXT, *methods]):
+        r = rows[method]
+        test = f"{r['test_accuracy_mean']:.3f} ± {r['test_accuracy_std']:.3f}"
+        gap = 100 * (r["test_accuracy_mean"] - full)
+        lines.append(f"{method:<19}{r['trainable_percent']:>9.2f}%{test:>16}{gap:>+9.1f} pt{ours.get(method, '-'):>15}")
+    return "\n".join(lines)

@@ -221,3 +221,16 @@ def test_on_epoch_runs_after_each_scored_epoch_even_the_stopping_one():
 def test_recipes_train_the_whole_schedule_and_keep_the_best_epoch():
     """No early stopping in the course's protocol: a lucky early peak on 101 examples cost test accuracy."""
     assert all(r.patience is None and r.max_epochs == 12 for r in recipes.RECIPES.values())
+
+
+def test_results_table_reads_the_recorded_rows_under_the_yardsticks():
+    from peftkit.recipes import CONTEXT, recorded, results_table
+
+    rows = recorded()
+    table = results_table(["prompt tuning"], {"prompt tuning": "0.700"}).splitlines()
+    assert [line.split("  ")[0].strip() for line in table[1:]] == [*CONTEXT, "prompt tuning"]
+    r = rows["prompt tuning"]
+    assert f"{r['test_accuracy_mean']:.3f} ± {r['test_accuracy_std']:.3f}" in table[-1]
+    assert table[-1].endswith("0.700") and table[1].endswith("-")
+    with pytest.raises(KeyError, match="recorded methods"):
+        results_table(["LoRA r=3"])
