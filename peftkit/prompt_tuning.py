@@ -14,9 +14,9 @@ N times -100 in front (no loss on the prompt positions).
 Trained: the N x D prompt only (plus a classifier's fresh head, as peft does for classification).
 Frozen: every weight of the model, including the embedding table.
 
-Initialisation (Lester et al., section 3): "random" draws N(0, 1) like peft (far from the
-scale of real embeddings); "vocab" copies rows of the embedding table for random token ids;
-"text" copies the embeddings of a tokenized phrase, repeated or cut to N tokens.
+Initialisation, peft's three options: "random" draws N(0, 1) (far from the scale of real embeddings;
+Lester et al.'s random start is uniform[-0.5, 0.5]); "vocab" copies rows for random token ids of the whole
+vocabulary (theirs: the 5,000 most common); "text" copies a phrase's rows, repeated or cut to N tokens.
 
     model = PromptTuningModel(classifier, num_virtual_tokens=20, init="text",
                               init_text="Classify the topic:", tokenizer=tokenizer)
