@@ -32,7 +32,6 @@ test: setup
 
 # AdapterHub `adapters` needs transformers 4.57, which cannot share .venv (transformers 5.24), so
 # the bottleneck adapters' reference lives in a side environment, not part of setup or test.
-# It records the fixtures that tests/test_adapterhub.py checks peftkit against.
 AH_VENV := .venv-adapterhub
 AH_PINS := adapters==1.3.0 transformers==4.57.6 torch==2.13.0 safetensors
 
@@ -41,8 +40,12 @@ $(AH_VENV)/.installed:
 	$(AH_VENV)/bin/python -m pip install --quiet $(AH_PINS)
 	touch $@
 
-adapterhub-fixtures: $(AH_VENV)/.installed
+# Records AdapterHub's outputs, writes peftkit's adapters in AdapterHub's format (course environment),
+# and checks that AdapterHub loads those and computes peftkit's outputs.
+adapterhub-fixtures: $(AH_VENV)/.installed setup
 	$(AH_VENV)/bin/python tools/record_adapterhub.py tests/fixtures/adapterhub
+	$(BIN)/python tools/export_adapterhub.py tests/fixtures/adapterhub
+	$(AH_VENV)/bin/python tools/record_adapterhub.py --check tests/fixtures/adapterhub
 
 clean:
 	rm -rf $(VENV) $(AH_VENV)

@@ -8,6 +8,7 @@ rebuilt in transformers 5, peftkit's adapters are added with the options that ma
 AdapterHub's weights are copied in, and the outputs must match the recorded ones.
 """
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -132,3 +133,22 @@ def test_the_two_placements_differ_on_the_course_model_shape():
 def test_original_ln_before_is_refused_where_no_layernorm_follows_the_residual():
     with pytest.raises(ValueError, match="original_ln_before=True needs a LayerNorm after the residual add: llama"):
         add_adapters(tiny_llama(), "pfeiffer", original_ln_before=True)
+
+
+def test_peftkit_writes_the_adapterhub_folders_that_adapterhub_loads(tmp_path):
+    """tools/export_adapterhub.py writes peftkit's adapters in AdapterHub's saved format; in the side
+    environment ``record_adapterhub.py --check`` loaded the committed folders with AdapterHub and got
+    peftkit's outputs. Here: the exporter still writes exactly those folders."""
+    spec = importlib.util.spec_from_file_location("export_adapterhub", ROOT / "tools" / "export_adapterhub.py")
+    export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export)
+    export.export(FIXTURES, tmp_path)
+    for placement in ("houlsby", "pfeiffer"):
+        ours, committed = tmp_path / f"peftkit_{placement}", FIXTURES / f"peftkit_{placement}"
+        config = json.loads((ours / "adapter_config.json").read_text())
+        assert config == json.loads((committed / "adapter_config.json").read_text())
+        assert peftkit_options(config["config"])["config"] == placement
+        torch.testing.assert_close(load_file(ours / "adapter.safetensors"),  # seeded: the same bits
+                                   load_file(committed / "adapter.safetensors"), rtol=0, atol=0)
+        torch.testing.assert_close(load_file(ours / "peftkit_output.safetensors"),
+                                   load_file(committed / "peftkit_output.safetensors"))

@@ -14,20 +14,28 @@ AdapterHub ``adapters`` 1.3.0 needs transformers 4.57, which cannot share the co
 - ``manifest.json``: the BERT config, each adapter config as AdapterHub spells it out, the seeds and
   the versions that recorded them.
 
+With ``--check``, it instead loads every ``peftkit_*`` folder that ``tools/export_adapterhub.py`` wrote
+(peftkit's adapters in AdapterHub's saved format) with ``model.load_adapter`` into the same tiny BERT and
+asserts that AdapterHub computes the output peftkit recorded beside it.
+
     .venv-adapterhub/bin/python tools/record_adapterhub.py tests/fixtures/adapterhub
+    .venv-adapterhub/bin/python tools/record_adapterhub.py --check tests/fixtures/adapterhub
 """
 
 import json
+import logging
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertModel
 
 import adapters
 from adapters import DoubleSeqBnConfig, SeqBnConfig
+
+logging.getLogger("adapters").setLevel(logging.ERROR)  # "adapters available but none activated" before set_active
 
 SEED = 0
 BERT = dict(vocab_size=50, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -93,5 +101,27 @@ def main(out: Path) -> None:
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
+def check(fixtures: Path) -> None:
+    """AdapterHub loads each folder of peftkit adapters and computes peftkit's recorded output."""
+    folders = sorted(fixtures.glob("peftkit_*"))
+    assert folders, f"no peftkit_* folders in {fixtures}: run tools/export_adapterhub.py first"
+    batch = inputs()
+    for folder in folders:
+        model = tiny_bert()
+        adapters.init(model)
+        name = model.load_adapter(str(folder), use_safetensors=True)
+        model.set_active_adapters(name)
+        with torch.no_grad():
+            hidden = model.eval()(**batch).last_hidden_state
+        expected = load_file(folder / "peftkit_output.safetensors")["last_hidden_state"]
+        torch.testing.assert_close(hidden, expected)
+        config = model.adapters_config.match(name, adapters.BnConfig)
+        print(f"{folder.name}: AdapterHub loads it (original_ln_before={config['original_ln_before']}, "
+              f"{config['non_linearity']}) and computes peftkit's output (largest difference "
+              f"{(hidden - expected).abs().max():.0e})")
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/adapterhub"))
+    args = sys.argv[1:]
+    fixtures = Path(([a for a in args if a != "--check"] or ["tests/fixtures/adapterhub"])[0])
+    check(fixtures) if "--check" in args else main(fixtures)
