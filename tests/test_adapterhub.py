@@ -120,7 +120,7 @@ def test_a_wrong_option_does_not_reproduce_adapterhub(adapter, wrong):
     assert (out - recorded).abs().max() > 0.1
 
 
-def test_the_two_placements_differ_on_the_course_model_shape():
+def test_the_two_pfeiffer_placements_differ_on_the_same_weights():
     """On the recorded weights, SeqBn's placement and peftkit's default give different outputs by
     more than rounding: the difference documented in adapters.py, measured in benchmarks/adapter_placement.py."""
     after, inputs, _ = with_adapterhub_weights("pfeiffer")
