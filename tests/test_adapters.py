@@ -1,5 +1,6 @@
-"""Bottleneck adapters: peft has no reference for them, so each check is against the formula
-h + W_up f(W_down h + b_down) + b_up written out by hand, or against the frozen model itself."""
+"""Bottleneck adapters: peft has no reference for them, so each check here is against the formula
+h + W_up f(W_down h + b_down) + b_up written out by hand, or against the frozen model itself; the
+outputs of AdapterHub's own adapters are matched in test_adapterhub.py."""
 
 import importlib.util
 import math
@@ -167,6 +168,52 @@ def test_bert_adapters_sit_before_dropout_residual_and_layernorm():
         assert not torch.allclose(out, block.LayerNorm(projected + residual), atol=1e-3)
 
 
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
+def test_original_ln_before_puts_the_adapter_after_residual_and_layernorm(placement):
+    """AdapterHub's SeqBnConfig: the adapter reads y = LN(x + h), skips from h, then LN(x + ...) again."""
+    model = add_adapters(make("bert"), placement, reduction_factor=4, original_ln_before=True)
+    randomize(model)
+    calls = []
+    for block in [m for m in model.modules() if isinstance(m, AdaptedSublayer)]:
+        block.register_forward_hook(lambda m, a, k, o: calls.append((m, a, k, o)), with_kwargs=True)
+    run(model)
+    assert len(calls) == 2 * len(SUBLAYERS[placement])
+    for block, args, kwargs, out in calls:
+        x, residual = args if len(args) == 2 else (args[0], kwargs["input_tensor"])
+        norm, h = block.base.LayerNorm, block.base.dense(x)
+        y = norm(h + residual)
+        assert_close(out, norm(by_hand(block.adapter, y) - y + h + residual))
+        assert not torch.allclose(out, norm(by_hand(block.adapter, h) + residual), atol=1e-3)  # the default's
+
+
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
+def test_original_ln_before_starts_near_the_frozen_model_and_removes_cleanly(placement):
+    frozen, model = run(make("bert")), make("bert")
+    modules = dict(model.named_modules())
+    add_adapters(model, placement, reduction_factor=4, original_ln_before=True)
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, AdaptedSublayer)}
+    assert wrapped == {w.removesuffix(".dense") for w in expected_wrapped("bert", placement)}
+    assert (run(model) - frozen).abs().max() < IDENTITY_ATOL
+    assert dict(remove_adapters(model).named_modules()) == modules and torch.equal(run(model), frozen)
+
+
+def test_original_ln_before_round_trips_and_is_checked_on_load(tmp_path):
+    model = add_adapters(make("bert"), "pfeiffer", reduction_factor=4, original_ln_before=True)
+    randomize(model)
+    path = save_adapter(model, tmp_path / "seqbn.safetensors")
+    bare = make("bert")
+    assert load_adapter(bare, path).original_ln_before is True and torch.equal(run(bare), run(model))
+    default = add_adapters(make("bert"), "pfeiffer", reduction_factor=4)
+    with pytest.raises(ValueError, match=r"different config.*'original_ln_before': \(True, False\)"):
+        load_adapter(default, path)
+
+
+@pytest.mark.parametrize("value", ["yes", None, 2])
+def test_original_ln_before_must_be_a_bool(value):
+    with pytest.raises(ValueError, match=r"unknown original_ln_before.*\[False, True\]"):
+        add_adapters(make("bert"), original_ln_before=value)
+
+
 def test_llama_adapters_sit_before_the_residual_adds():
     model = add_adapters(make("llama"), "houlsby", reduction_factor=4)
     randomize(model)
@@ -257,7 +304,8 @@ def test_save_load_round_trip_is_exact(family, tmp_path):
     tensors, config = adapter_files.load_tensors(path)
     assert set(tensors) == set(adapter_state_dict(model))
     assert config == {"technique": "bottleneck_adapters", "placement": "houlsby", "reduction_factor": 4,
-                      "non_linearity": "gelu", "init_std": 1e-3, "modules_to_save": []}
+                      "non_linearity": "gelu", "init_std": 1e-3, "modules_to_save": [],
+                      "original_ln_before": False}
 
     torch.manual_seed(123)  # different adapter init, so the load has something to overwrite
     same_config = add_adapters(make(family), "houlsby", reduction_factor=4, non_linearity="gelu")
