@@ -18,8 +18,14 @@ plain linear costs. The names follow Hugging Face peft (``rank`` is peft's ``r``
     save_adapter(model, "lora.safetensors")           # the trained tensors only; load_adapter reads them
     export_peft(model, "out/", "sentence-transformers/all-MiniLM-L6-v2")  # peft's format
     model = merge_lora(model)                         # plain nn.Linear layers again
+
+GPT-2's ``Conv1D`` (``y = x W + b``, W stored transposed as (in, out)) gets the same A and B; only merging
+transposes delta W. Embeddings get ``LoRAEmbedding`` (``lora_layers.py``). Which layers are wrapped (names,
+regular expressions, ``exclude_modules``, ``layers_to_transform``, "all-linear") is decided by ``targets.py``.
+This file needs ``targets.py`` beside it (and ``lora_layers.py`` to adapt embeddings).
 """
 
+import importlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -28,22 +34,30 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+try:
+    from . import targets
+except ImportError:  # this file was copied into a project, beside targets.py
+    import targets
+
 
 class LoRALinear(nn.Module):
-    """A frozen linear ``base`` plus a trainable low-rank update ``scaling * B A``."""
+    """A frozen linear ``base`` (nn.Linear, GPT-2's Conv1D or 4-bit) plus a trainable low-rank update ``scaling * B A``."""
     def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
         _check_layer_args(base, rank, alpha, dropout, rslora)  # the helpful errors, below
         self.base, self.rank, self.alpha, self.rslora = base, rank, alpha, rslora
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # peft's name: Conv1D stores W as (in, out), so delta W is transposed to merge (forward is the same)
+        self.fan_in_fan_out = targets.layer_kind(base) == "conv1d"
+        in_features, out_features = base.weight.shape if self.fan_in_fan_out else (base.in_features, base.out_features)
         # float32 factors over any base (float64 stays), as in peft: small updates would vanish in bf16/fp16/4 bits
-        dtype = torch.float64 if isinstance(base, nn.Linear) and base.weight.dtype == torch.float64 else torch.float32
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=dtype)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=dtype)
+        dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32
+        self.lora_A = nn.Linear(in_features, rank, bias=False, device=base.weight.device, dtype=dtype)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, device=base.weight.device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        self.in_features, self.out_features, self.merged = base.in_features, base.out_features, False
+        self.in_features, self.out_features, self.merged = in_features, out_features, False
         base.requires_grad_(False)  # last: a failed construction leaves the base as it was
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,19 +69,20 @@ class LoRALinear(nn.Module):
         return (result + update).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """delta W = scaling * B A, shape (out, in): what ``merge()`` adds to ``base.weight``."""
-        return self.lora_B.weight @ self.lora_A.weight * self.scaling  # (out, rank) @ (rank, in)
+        """delta W = scaling * B A, in ``base.weight``'s layout: (out, in), or (in, out) for a Conv1D base."""
+        delta = self.lora_B.weight @ self.lora_A.weight * self.scaling  # (out, rank) @ (rank, in)
+        return delta.T if self.fan_in_fan_out else delta
 
     def merged_weight(self) -> torch.Tensor:
-        """W + delta W in W's dtype, shape (out, in): what ``merge()`` writes into ``base.weight``."""
-        if not isinstance(self.base, nn.Linear):  # a 4-bit base: __init__ takes nothing else
+        """W + delta W in W's dtype and layout: what ``merge()`` writes into ``base.weight``."""
+        if targets.layer_kind(self.base) == "4bit":
             raise TypeError("cannot merge LoRA into a 4-bit base: W + delta W would be re-quantized to 4 bits, "
                             "which rounds most of the small update away; to merge a QLoRA adapter, see peftkit.qlora")
         return (self.base.weight + self.delta_weight()).to(self.base.weight.dtype)
 
-    def merge(self) -> None:
+    def merge(self, safe_merge: bool = False) -> None:
         """Fold delta W into ``base.weight``: ``base.weight = merged_weight()`` (a no-op when already merged)."""
-        merge_lora(self, unload=False)
+        merge_lora(self, unload=False, safe_merge=safe_merge)
 
     def unmerge(self) -> None:
         """Take delta W back out of ``base.weight`` (a no-op when not merged)."""
@@ -85,12 +100,16 @@ class LoRALinear(nn.Module):
 class LoRAConfig:
     """What ``add_lora`` did (``model.adapter_config``), saved with the tensors; checks its own fields."""
     technique: ClassVar[str] = "lora"  # the tag saved in adapter files
-    target_modules: list[str]  # full names of the wrapped linears
+    target_modules: list[str]  # full names of the wrapped layers
     rank: int = 8  # peft's `r`: inner dimension of B A
     alpha: float = 16  # peft's `lora_alpha`; positive and finite (`not 0 < alpha < inf` refuses NaN too)
     dropout: float = 0.0  # peft's `lora_dropout`, on the LoRA path's input only
     rslora: bool = False  # peft's `use_rslora`: scaling = alpha / sqrt(rank)
     modules_to_save: list[str] = field(default_factory=list)  # full names of modules trained in full
+    exclude_modules: list[str] | str | None = None  # as asked (targets.py); target_modules already leaves them out
+    layers_to_transform: list[int] | int | None = None  # as asked; target_modules holds only those layers
+    layers_pattern: list[str] | str | None = None  # where layers_to_transform's index is found
+    bias: str = "none"  # peft's bias: which biases train too: "none", "all" of them, or "lora_only" (wrapped layers')
 
     def __post_init__(self):
         for arg in ("target_modules", "modules_to_save"):
@@ -106,27 +125,24 @@ class LoRAConfig:
             raise ValueError(f"dropout is a probability in [0, 1), got {self.dropout!r}")
         if not isinstance(self.rslora, bool):
             raise TypeError(f"rslora must be True or False, got {self.rslora!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'lora_only' (peft's choices), got {self.bias!r}")
+        targets.check_selection(self.target_modules, self.exclude_modules, self.layers_to_transform,
+                                self.layers_pattern)
 
 
 def _check_layer_args(base, rank, alpha, dropout, rslora) -> None:  # LoRALinear's checks
-    if not _is_linear(base):
-        raise TypeError(f"LoRALinear wraps an nn.Linear or a peftkit 4-bit linear, got {type(base).__name__}")
+    if targets.layer_kind(base) not in ("linear", "conv1d", "4bit"):
+        raise TypeError(f"LoRALinear wraps an nn.Linear, a Conv1D or a peftkit 4-bit linear, got {type(base).__name__}")
     LoRAConfig([], rank, alpha, dropout, rslora)  # checks the hyperparameters
 
 
-def _is_linear(module: nn.Module) -> bool:  # a 4-bit linear is duck-typed: this file must work copied alone
-    return isinstance(module, nn.Linear) or bool(getattr(type(module), "is_peftkit_4bit", False))
+def _sibling(name: str):
+    """A sibling file (``adapter_files``, ``lora_layers``): peftkit's own, or the copy beside this file."""
+    return importlib.import_module(f".{name}", __package__) if __package__ else importlib.import_module(name)
 
 
-def _matches(name: str, targets) -> bool:  # peft's rule: a target is a full name or its last dotted components
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _inside(name: str, modules) -> bool:  # name is one of the full names `modules`, or in one of them
-    return any(name == m or name.startswith(m + ".") for m in modules)
-
-
-def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:  # LoRAEmbedding too: it subclasses LoRALinear
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
@@ -136,17 +152,24 @@ def _lora_config(model: nn.Module, required: bool = False) -> LoRAConfig | None:
     return config if isinstance(config, LoRAConfig) else None
 
 
-def add_lora(model, target_modules, rank=8, alpha=16, dropout=0.0, rslora=False, modules_to_save=()):
-    """Wrap the targeted linears of ``model`` in ``LoRALinear``, in place; freeze the rest; return ``model``.
+def add_lora(model, target_modules, rank=8, alpha=16, dropout=0.0, rslora=False, modules_to_save=(),
+             exclude_modules=None, layers_to_transform=None, layers_pattern=None, bias="none"):
+    """Wrap the targeted layers of ``model`` in ``LoRALinear`` (``LoRAEmbedding`` for embeddings), in place;
+    freeze the rest; return ``model``.
 
     ``target_modules``: names matched exactly or as a dotted suffix (``"query"`` matches
-    ``bert.encoder.layer.0.attention.self.query``), or ``"all-linear"`` (every linear but the output
-    head). ``modules_to_save``: modules trained in full, e.g. ``["classifier"]``. ``model.adapter_config``
+    ``bert.encoder.layer.0.attention.self.query``), a regular expression (a str), or ``"all-linear"`` (every
+    linear but the output head); ``exclude_modules``, ``layers_to_transform`` and ``layers_pattern`` narrow it
+    down, as in peft (see ``targets.py``). ``modules_to_save``: modules trained in full, e.g. ``["classifier"]``.
+    ``bias``: "none", "all" (every bias trains) or "lora_only" (the wrapped layers' biases). ``model.adapter_config``
     records what was done. Everything is checked first; on any error the model is left as it was."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"add_lora needs a torch.nn.Module, got {type(model).__name__}")
-    all_linear = isinstance(target_modules, str) and target_modules == "all-linear"
-    asked = LoRAConfig([] if all_linear else target_modules, rank, alpha, dropout, rslora, modules_to_save)
+    # a str is a regular expression (as in peft), unless it names modules, as peftkit always allowed
+    pattern = isinstance(target_modules, str) and (target_modules.lower() == "all-linear" or not any(
+        targets.matches(n, [target_modules]) for n, _ in model.named_modules()))
+    asked = LoRAConfig([] if pattern else target_modules, rank, alpha, dropout, rslora, modules_to_save,
+                       exclude_modules, layers_to_transform, layers_pattern, bias)  # checks the arguments
     if layers := _lora_layers(model):
         raise ValueError(f"the model already has LoRA layers ({layers[0][0]}, ...): call "
                          "add_lora once with every target, or merge_lora(model) first")
@@ -154,43 +177,42 @@ def add_lora(model, target_modules, rank=8, alpha=16, dropout=0.0, rslora=False,
         raise ValueError(f"the model already carries {model.adapter_config.technique} (model.adapter_config): "
                          "one technique per model; remove it first")
     modules = dict(model.named_modules())
-    linears = [n for n, m in modules.items() if _is_linear(m)]
-    if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear (or 4-bit linear) layer to wrap")
-    saved = [n for n in modules if n and _matches(n, asked.modules_to_save)]
-    if missing := [s for s in asked.modules_to_save if not any(_matches(n, [s]) for n in saved)]:
+    saved = [n for n in modules if n and targets.matches(n, asked.modules_to_save)]
+    if missing := [s for s in asked.modules_to_save if not any(targets.matches(n, [s]) for n in saved)]:
         raise ValueError(f"modules_to_save {missing} matched no module; the top-level modules are "
                          f"{[n for n, _ in model.named_children()]}")
-    if all_linear:  # every linear but those in the output head (and in modules_to_save), like peft
-        get_output = getattr(model, "get_output_embeddings", lambda: None)
-        heads = [getattr(model, a, None) for a in ("lm_head", "classifier", "score")] + [get_output()]
-        heads = [n for n, m in modules.items() if any(m is h for h in heads)]
-        targets = [n for n in linears if not _inside(n, heads + saved)]
-    else:
-        short_names = sorted({n.rpartition(".")[2] for n in linears})
-        unmatched = [t for t in asked.target_modules if not any(_matches(n, [t]) for n in modules)]
-        if unmatched or not asked.target_modules:
-            raise ValueError(f"target_modules {unmatched or asked.target_modules} matched no module. The linear "
-                             f"layers are named {short_names} (e.g. {linears[0]!r}); pass such names or 'all-linear'")
-        targets = [n for n in modules if n and _matches(n, asked.target_modules) and not _inside(n, saved)]
-        if wrong := {n: type(modules[n]).__name__ for n in targets if not _is_linear(modules[n])}:
-            raise TypeError(f"LoRA wraps linear layers (nn.Linear or a peftkit 4-bit linear), but target_modules "
-                            f"matched {wrong}; target the linears inside instead, named {short_names}")
-    if not targets:
-        raise ValueError(f"target_modules {target_modules!r} left no linear layer outside modules_to_save")
+    chosen = targets.select(model, target_modules if pattern else asked.target_modules, exclude_modules,
+                            layers_to_transform, layers_pattern, skip=saved)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
-        wrappers = {name: LoRALinear(modules[name], rank, alpha, dropout, rslora) for name in targets}
+        wrappers = {name: _wrap(modules[name], rank, alpha, dropout, rslora) for name in chosen}
         model.requires_grad_(False)
         for name, wrapper in wrappers.items():
             model.set_submodule(name, wrapper)
         for name in saved:
             modules[name].requires_grad_(True)
-        model.adapter_config = LoRAConfig(targets, rank, alpha, dropout, rslora, saved)
+        model.adapter_config = LoRAConfig(chosen, rank, alpha, dropout, rslora, saved, exclude_modules,
+                                          layers_to_transform, layers_pattern, bias)
+        for name in _trained_biases(model):
+            model.get_parameter(name).requires_grad_(True)
     except BaseException:
         _remove_lora(model, flags)
         raise
     return model
+
+
+def _wrap(layer: nn.Module, rank, alpha, dropout, rslora) -> LoRALinear:  # the LoRA layer for this type of layer
+    if targets.layer_kind(layer) == "embedding":
+        return _sibling("lora_layers").LoRAEmbedding(layer, rank, alpha, dropout, rslora)
+    return LoRALinear(layer, rank, alpha, dropout, rslora)
+
+
+def _trained_biases(model: nn.Module) -> list[str]:  # peft's bias modes: the biases that train beside A and B
+    bias = getattr(_lora_config(model), "bias", "none")
+    if bias == "all":
+        return [n for n, _ in model.named_parameters() if n == "bias" or n.endswith(".bias")]
+    return [f"{n}.base.bias" for n, m in _lora_layers(model) if getattr(m.base, "bias", None) is not None
+            and bias == "lora_only"]
 
 
 def _remove_lora(model: nn.Module, flags: dict | None = None) -> None:  # undo add_lora (flags: requires_grad before)
@@ -202,16 +224,20 @@ def _remove_lora(model: nn.Module, flags: dict | None = None) -> None:  # undo a
         del model.adapter_config
 
 
-def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
+def merge_lora(model: nn.Module, unload: bool = True, safe_merge: bool = False) -> nn.Module:
     """Fold every LoRA update into its base weight; returns ``model`` (a no-op without LoRA layers).
 
-    With ``unload`` (the default) each ``LoRALinear`` is replaced by its plain merged base linear, ready to
-    deploy at the base model's cost (``model.adapter_config`` goes too); ``unload=False`` keeps the wrappers,
-    so that ``unmerge_lora`` can take the updates back out."""
-    layers = [layer for _, layer in _lora_layers(model) if not layer.merged]
+    With ``unload`` (the default) each LoRA layer is replaced by its plain merged base layer, ready to deploy at
+    the base model's cost (``model.adapter_config`` goes too); ``unload=False`` keeps the wrappers, so that
+    ``unmerge_lora`` can take the updates back out. ``safe_merge`` (peft's) first checks that no merged weight holds
+    NaN or inf: a ValueError names the layer and the model is left exactly as it was."""
+    layers = [(name, layer) for name, layer in _lora_layers(model) if not layer.merged]
     with torch.no_grad():  # all or nothing: first every merged weight (one extra copy), the model untouched
-        merged = [layer.merged_weight() for layer in layers]
-        for layer, weight in zip(layers, merged):  # then copy them in: nothing left that can fail halfway
+        merged = [layer.merged_weight() for _, layer in layers]
+        if safe_merge and (bad := [n or type(m).__name__ for (n, m), w in zip(layers, merged) if not w.isfinite().all()]):
+            raise ValueError(f"merging LoRA into {bad} would write NaN/inf into the base weights: the adapter is "
+                             "broken (a diverged training run?); nothing was merged")
+        for (_, layer), weight in zip(layers, merged):  # then copy them in: nothing left that can fail halfway
             layer.base.weight.copy_(weight)
             layer.merged = True
     if unload:
@@ -227,27 +253,20 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 # --- saving ---
-def _adapter_files():
-    """adapter_files.py (and safetensors) do the saving; the technique itself needs only torch."""
-    try:
-        from . import adapter_files
-    except ImportError:  # this file was copied into a project, beside adapter_files.py
-        import adapter_files
-    return adapter_files
-
-
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What LoRA trains, what a file holds: every ``lora_A``/``lora_B`` weight plus the ``modules_to_save``."""
-    if not _lora_layers(model):
+    """What LoRA trains, what a file holds: the LoRA factors, the ``modules_to_save`` and the ``bias`` mode's biases."""
+    if not (layers := _lora_layers(model)):
         raise ValueError("the model has no LoRA layers: call add_lora(model, target_modules) first")
-    saved = getattr(_lora_config(model), "modules_to_save", [])
+    saved, biases = getattr(_lora_config(model), "modules_to_save", []), set(_trained_biases(model))
+    factors = {f"{n}.{p}" if n else p for n, m in layers for p, _ in m.named_parameters() if p.startswith("lora_")}
     return {n: p.detach() for n, p in model.named_parameters()
-            if ".lora_A." in n or ".lora_B." in n or _inside(n.rpartition(".")[0], saved)}
+            if n in factors or n in biases or targets.inside(n.rpartition(".")[0], saved)}
 
 
 def save_adapter(model: nn.Module, path):
-    """Write ``adapter_state_dict(model)`` and ``model.adapter_config`` to one safetensors file, atomically."""
-    return _adapter_files().write_adapter(adapter_state_dict(model), path, _lora_config(model, required=True))
+    """Write ``adapter_state_dict(model)`` and ``model.adapter_config`` to one safetensors file, atomically
+    (``adapter_files.py`` and safetensors do the saving; the technique itself needs only torch)."""
+    return _sibling("adapter_files").write_adapter(adapter_state_dict(model), path, _lora_config(model, required=True))
 
 
 def load_adapter(model: nn.Module, path) -> LoRAConfig:
@@ -257,10 +276,11 @@ def load_adapter(model: nn.Module, path) -> LoRAConfig:
     other keys (a frozen base weight, say) or missing ones are a ValueError naming them. LoRA with another alpha
     or rslora than the file's is refused (not silently run with its own scaling), and so is a merged model; the
     model keeps its own ``dropout`` (it acts in training only). On any error or interruption the model is left
-    exactly as it came."""
+    exactly as it came. Files written before a config field existed load with its default."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapter needs a torch.nn.Module, got {type(model).__name__}")
-    tensors, config = _adapter_files().read_adapter(path, LoRAConfig)
+    files = _sibling("adapter_files")
+    tensors, config = files.read_adapter(path, LoRAConfig)
     layers, flags = _lora_layers(model), {n: p.requires_grad for n, p in model.named_parameters()}
     if any(layer.merged for _, layer in layers):  # a later unmerge would take out the new B A, not the merged one
         raise ValueError("the model's LoRA is merged into its base weights: unmerge_lora(model) before load_adapter")
@@ -271,7 +291,7 @@ def load_adapter(model: nn.Module, path) -> LoRAConfig:
     if not layers:
         add_lora(model, **asdict(config))  # changes nothing if it fails
     try:
-        _adapter_files().copy_tensors(model, tensors, adapter_state_dict(model), source=path, config=asdict(config))
+        files.copy_tensors(model, tensors, adapter_state_dict(model), source=path, config=asdict(config))
     except BaseException:
         if not layers:
             _remove_lora(model, flags)  # put the model back as it came
@@ -287,14 +307,19 @@ def export_peft(model: nn.Module, path, base_model_name_or_path: str | None):
     is replaced whole (other files in it are kept): an interrupted export leaves an earlier one intact."""
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
         raise TypeError(f"base_model_name_or_path must be a str or None, got {base_model_name_or_path!r}")
-    tensors = {f"base_model.model.{k}": v for k, v in adapter_state_dict(model).items()}
-    cfg = _lora_config(model, required=True)
+    wrapped = {n: m for n, m in _lora_layers(model)}
+    peft_name = {f"{n}.base.bias": f"{n}.base_layer.bias" for n in wrapped}  # peft's name for the wrapped base
+    tensors = {f"base_model.model.{peft_name.get(k, k)}": v for k, v in adapter_state_dict(model).items()}
+    cfg, files = _lora_config(model, required=True), _sibling("adapter_files")
     peft_config = {  # peft fills in its defaults for every field left out
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
         "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
         "target_modules": cfg.target_modules,  # full names: peft then wraps exactly these layers
-        "modules_to_save": cfg.modules_to_save or None, "bias": "none", "inference_mode": True}
-    with _adapter_files().atomic_folder(path) as folder:
-        _adapter_files().save_tensors(tensors, folder / "adapter_model.safetensors", peft_config)
+        "modules_to_save": cfg.modules_to_save or None, "bias": cfg.bias, "inference_mode": True,
+        "exclude_modules": cfg.exclude_modules, "layers_to_transform": cfg.layers_to_transform,
+        "layers_pattern": cfg.layers_pattern,  # peft's rules keep every full name of target_modules
+        "fan_in_fan_out": any(getattr(m, "fan_in_fan_out", False) for m in wrapped.values())}  # Conv1D (GPT-2)
+    with files.atomic_folder(path) as folder:
+        files.save_tensors(tensors, folder / "adapter_model.safetensors", peft_config)
         (folder / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
     return path

@@ -1,0 +1,165 @@
+"""Which layers a technique adapts: target selection with Hugging Face peft's rules, for every model family.
+
+``add_lora`` (``lora.py``) asks this file which modules to wrap. The rules are peft's, so a ``target_modules``
+written for peft picks the same layers here:
+
+    ["query", "value"]        a full module name, or its last dotted components ("query" matches
+                              "bert.encoder.layer.0.attention.self.query")
+    r".*\\.(q|v)"             any other str is a regular expression that must match a whole module name
+    "all-linear"              every nn.Linear and GPT-2 Conv1D, but not the output head (lm_head, classifier, ...)
+    exclude_modules           names (list, same rule) or a regular expression (str) to leave out
+    layers_to_transform=[0]   only layers 0 (an int or a list); the index is the first number in the name that
+                              follows a component, or follows ``layers_pattern`` ("layer", "h", "layers", ...)
+
+Names differ per family: ``suggest_targets(model)`` gives the query/value projections (BERT's query/value,
+Llama's q_proj/v_proj, GPT-2's fused c_attn, T5's q/v) and ``adaptable_layers(model)`` lists every layer LoRA
+can wrap. This file needs only torch: transformers' ``Conv1D`` (GPT-2's linear layer, ``y = x W + b`` with W
+stored as (in, out)) is recognised by its class name and weight shape.
+"""
+
+import re
+
+from torch import nn
+
+QUERY_VALUE = [["query", "value"], ["q_proj", "v_proj"], ["c_attn"], ["q", "v"]]  # BERT-like, Llama-like, GPT-2, T5
+HEADS = ("lm_head", "classifier", "score", "logits_proj")  # output heads "all-linear" leaves out (logits_proj: XLNet)
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """"linear", "conv1d" (transformers' GPT-2 layer), "4bit" (a peftkit 4-bit linear), "embedding", or None."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
+            and module.weight.dim() == 2 and module.weight.shape[1] == getattr(module, "nf", None):
+        return "conv1d"  # weight (in, out): forward is x @ W + b
+    if getattr(type(module), "is_peftkit_4bit", False):
+        return "4bit"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return None
+
+
+class LayerTable(dict):
+    """{name: type name} of the layers LoRA can wrap; ``print()`` shows it as a table."""
+
+    def __str__(self) -> str:
+        width = max(map(len, self), default=0)
+        return "\n".join([f"{n:<{width}}  {t}" for n, t in self.items()] + [f"({len(self)} adaptable layers)"])
+
+
+def adaptable_layers(model: nn.Module) -> LayerTable:
+    """Every layer of ``model`` that LoRA can wrap (linear, Conv1D, 4-bit linear, embedding), by full name."""
+    return LayerTable({n: type(m).__name__ for n, m in model.named_modules() if n and layer_kind(m)})
+
+
+def _family(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+
+
+def suggest_targets(model: nn.Module) -> list[str]:
+    """The query and value projections by the names peft's users pass as ``target_modules`` (the LoRA paper's
+    choice): ["query", "value"], ["q_proj", "v_proj"], ["c_attn"] (GPT-2's fused q, k, v) or ["q", "v"]."""
+    layers = [n for n, m in model.named_modules() if layer_kind(m) in ("linear", "conv1d", "4bit")]
+    for names in QUERY_VALUE:
+        if all(any(matches(n, [t]) for n in layers) for t in names):
+            return list(names)
+    params = [n for n, _ in model.named_parameters()]
+    if any(matches(n, ["q", "query"]) for n in params):  # XLNet: q, k, v, o, r are parameters of the attention
+        raise ValueError(f"{_family(model)} keeps its attention projections (e.g. "
+                         f"{next(n for n in params if matches(n, ['q', 'query']))!r}) as parameters, not "
+                         f"linear layers, so LoRA cannot wrap them. Use target_modules='all-linear', which adapts its "
+                         f"linear layers {sorted({n.rpartition('.')[2] for n in select(model, 'all-linear')})}. Query/value "
+                         "targets exist for the families bert, roberta, albert, electra, t5, gpt2, llama")
+    raise ValueError(f"{_family(model)} has none of the query/value layer names {QUERY_VALUE}; its adaptable layers "
+                     f"are {sorted({n.rpartition('.')[2] for n in adaptable_layers(model)})}: pick some, or "
+                     "pass target_modules='all-linear'")
+
+
+def matches(name: str, targets) -> bool:  # peft: a str is a regex on the whole name; a list, names or suffixes
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def inside(name: str, modules) -> bool:  # name is one of the full names `modules`, or inside one of them
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
+def _layer_index(name: str, layers_pattern) -> int | None:  # peft's rule: the first number after a component
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or []
+    for pattern in patterns or [None]:
+        match = re.match(r".*?\.[^.]*\.(\d+)\." if pattern is None else rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def check_selection(target_modules, exclude_modules, layers_to_transform, layers_pattern) -> None:
+    """The type checks and peft's rules on how the selection arguments combine (a ValueError/TypeError if not)."""
+    for arg, value in (("exclude_modules", exclude_modules), ("layers_pattern", layers_pattern)):
+        if value is not None and not isinstance(value, str) and not (
+                isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+            raise TypeError(f"{arg} must be a str or a list of str, got {value!r}")
+    for pattern in [p for p in (target_modules, exclude_modules) if isinstance(p, str)]:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{pattern!r} is not a valid regular expression ({err}); a str target or exclusion "
+                             "is matched with re.fullmatch against whole module names") from err
+    layers = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
+    if layers is not None and (not isinstance(layers, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
+        raise TypeError(f"layers_to_transform must be a layer index or a list of them, got {layers_to_transform!r}")
+    if isinstance(target_modules, str) and (layers_to_transform is not None or layers_pattern is not None):
+        raise ValueError("layers_to_transform and layers_pattern work with a list of target_modules, not with a str "
+                         f"({target_modules!r}), as in peft: pass names such as ['query', 'value']")
+    if layers_pattern and layers_to_transform is None:
+        raise ValueError("layers_pattern only says where the layer index is: pass layers_to_transform too (as peft)")
+
+
+def select(model: nn.Module, target_modules, exclude_modules=None, layers_to_transform=None, layers_pattern=None,
+           skip=()) -> list[str]:
+    """Full names of the modules ``target_modules`` picks (see the module docstring), outside the full names
+    ``skip`` (modules_to_save). Checks the arguments first; a target that matches nothing names the layers that
+    exist, one that matches a layer LoRA cannot wrap names its type."""
+    check_selection(target_modules, exclude_modules, layers_to_transform, layers_pattern)
+    modules = {n: m for n, m in model.named_modules() if n}
+    kinds = {n: layer_kind(m) for n, m in modules.items()}
+    short = sorted({n.rpartition(".")[2] for n, k in kinds.items() if k})
+    if not short:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear, Conv1D, 4-bit linear or nn.Embedding to wrap")
+    if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
+        heads = [getattr(model, a, None) for a in HEADS] + [getattr(model, "get_output_embeddings", lambda: None)()]
+        heads = [n for n, m in modules.items() if any(m is h for h in heads)]
+        found = [n for n, k in kinds.items() if k in ("linear", "conv1d", "4bit") and not inside(n, heads)]
+    elif isinstance(target_modules, str):
+        if not (found := [n for n in modules if matches(n, target_modules)]):
+            raise ValueError(f"the regular expression {target_modules!r} matches no whole module name. The "
+                             f"adaptable layers are named {short} (e.g. {next(n for n in kinds if kinds[n])!r})")
+    else:
+        unmatched = [t for t in target_modules if not any(matches(n, [t]) for n in modules)]
+        if unmatched or not target_modules:
+            params = [t for t in unmatched if any(matches(n, [t]) for n, _ in model.named_parameters())]
+            raise ValueError(f"target_modules {unmatched or list(target_modules)} matched no module"
+                             + (f" ({params} are parameters, not layers: {_family(model)} stores them so)" if params
+                                else "") + f". The adaptable layers are named {short} (e.g. "
+                             f"{next(n for n in kinds if kinds[n])!r}); pass such names or 'all-linear'")
+        found = [n for n in modules if matches(n, target_modules)]
+        if layers_to_transform is not None:  # peft: a full name given as such is kept whatever its layer
+            keep = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
+            index = {n: _layer_index(n, layers_pattern) for n in found}
+            if not any(index[n] in keep or n in target_modules for n in found):
+                raise ValueError(f"layers_to_transform={layers_to_transform!r} (layers_pattern={layers_pattern!r}) "
+                                 f"kept none of {target_modules}: their layer indices are "
+                                 f"{sorted({i for i in index.values() if i is not None})}")
+            found = [n for n in found if index[n] in keep or n in target_modules]
+    if exclude_modules:
+        found = [n for n in found if not matches(n, exclude_modules)]
+    found = [n for n in found if not inside(n, skip)]
+    if not found:
+        raise ValueError(f"target_modules {target_modules!r} left no layer to wrap outside exclude_modules "
+                         f"{exclude_modules!r} and modules_to_save {list(skip)}")
+    if wrong := {n: type(modules[n]).__name__ for n in found if not kinds[n]}:
+        raise TypeError(f"LoRA wraps nn.Linear, Conv1D, 4-bit linear and nn.Embedding layers, but target_modules "
+                        f"matched {wrong}; target the layers inside instead, named {short}")
+    return found
