@@ -33,13 +33,14 @@ torch.manual_seed(0)
 
 # file -> (the sibling files it needs, a tiny use of its core module)
 FILES = {
-    "lora": ([], """
+    "lora": (["targets", "lora_layers"], """
 from lora import add_lora, merge_lora
-model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-x = torch.randn(3, 4)
+model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+x = torch.randint(0, 10, (3, 5))
 before = model(x)
-add_lora(model, ["0"], rank=2, alpha=4)
-assert torch.equal(model(x), before)  # B starts at zero
+add_lora(model, ["0", "1"], rank=2, alpha=4)
+assert type(model[0]).__name__ == "LoRAEmbedding" and type(model[1]).__name__ == "LoRALinear"
+assert torch.equal(model(x), before)  # A (embedding) and B (linear) start at zero
 merge_lora(model)
 """),
     "adapters": ([], """
@@ -64,7 +65,7 @@ from nf4 import quantize_nf4
 w = torch.randn(8, 64)
 assert (quantize_nf4(w).dequantize() - w).abs().max() < 0.5
 """),
-    "qlora": (["lora", "nf4"], """
+    "qlora": (["lora", "targets", "nf4"], """
 from lora import add_lora
 from qlora import prepare_for_qlora
 model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
@@ -105,7 +106,7 @@ class Encoder(nn.Module):  # what the prompt methods call: input embeddings, and
 
 # technique file -> (siblings, what to build, a parameter that trains)
 ROUND_TRIPS = {
-    "lora": ([], "nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))",
+    "lora": (["targets"], "nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))",
              "technique.add_lora(model, ['0'], rank=2, alpha=4)", "0.lora_B.weight"),
     "adapters": ([], "nn.ModuleDict({'layer': bert_layer()})", "technique.add_adapters(model, 'pfeiffer')",
                  "layer.output.dense.adapter.adapter_up.weight"),

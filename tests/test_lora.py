@@ -386,7 +386,7 @@ def test_no_target_matched_lists_the_linears():
 
 
 @pytest.mark.parametrize("build,target,type_name", [
-    (tiny_bert, "attention", "BertAttention"), (tiny_llama, "embed_tokens", "Embedding")])
+    (tiny_bert, "attention", "BertAttention"), (tiny_llama, "input_layernorm", "LlamaRMSNorm")])
 def test_target_that_is_not_linear_names_its_type(build, target, type_name):
     with pytest.raises(TypeError, match=type_name):
         add_lora(build(), [target])
