@@ -19,9 +19,8 @@ plain linear costs. The names follow Hugging Face peft (``rank`` is peft's ``r``
     export_peft(model, "out/", "sentence-transformers/all-MiniLM-L6-v2")  # peft's format
     model = merge_lora(model)                         # plain nn.Linear layers again
 
-GPT-2's ``Conv1D`` (``y = x W + b``, W stored transposed as (in, out)) gets the same A and B; only merging
-transposes delta W. Embeddings get ``LoRAEmbedding`` (``lora_layers.py``). Which layers are wrapped (names,
-regular expressions, ``exclude_modules``, ``layers_to_transform``, "all-linear") is decided by ``targets.py``.
+GPT-2's ``Conv1D`` (W stored as (in, out)) gets the same A and B; merging transposes delta W. Embeddings get
+``LoRAEmbedding`` (``lora_layers.py``). Which layers are wrapped is decided by ``targets.py`` (peft's rules).
 This file needs ``targets.py`` beside it (and ``lora_layers.py`` to adapt embeddings).
 """
 
@@ -41,10 +40,12 @@ except ImportError:  # this file was copied into a project, beside targets.py
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear ``base`` (nn.Linear, GPT-2's Conv1D or 4-bit) plus a trainable low-rank update ``scaling * B A``."""
+    """A frozen linear ``base`` (nn.Linear, GPT-2's Conv1D, 4-bit) plus a trainable low-rank ``scaling * B A``."""
     def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
-        _check_layer_args(base, rank, alpha, dropout, rslora)  # the helpful errors, below
+        if targets.layer_kind(base) not in ("linear", "conv1d", "4bit"):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, Conv1D or peftkit 4-bit linear, got {type(base).__name__}")
+        LoRAConfig([], rank, alpha, dropout, rslora)  # checks the hyperparameters (LoRAConfig is below)
         self.base, self.rank, self.alpha, self.rslora = base, rank, alpha, rslora
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -131,14 +132,7 @@ class LoRAConfig:
                                 self.layers_pattern)
 
 
-def _check_layer_args(base, rank, alpha, dropout, rslora) -> None:  # LoRALinear's checks
-    if targets.layer_kind(base) not in ("linear", "conv1d", "4bit"):
-        raise TypeError(f"LoRALinear wraps an nn.Linear, a Conv1D or a peftkit 4-bit linear, got {type(base).__name__}")
-    LoRAConfig([], rank, alpha, dropout, rslora)  # checks the hyperparameters
-
-
-def _sibling(name: str):
-    """A sibling file (``adapter_files``, ``lora_layers``): peftkit's own, or the copy beside this file."""
+def _sibling(name: str):  # adapter_files.py or lora_layers.py: peftkit's own, or the copy beside this file
     return importlib.import_module(f".{name}", __package__) if __package__ else importlib.import_module(name)
 
 
@@ -165,27 +159,21 @@ def add_lora(model, target_modules, rank=8, alpha=16, dropout=0.0, rslora=False,
     records what was done. Everything is checked first; on any error the model is left as it was."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"add_lora needs a torch.nn.Module, got {type(model).__name__}")
-    # a str is a regular expression (as in peft), unless it names modules, as peftkit always allowed
-    pattern = isinstance(target_modules, str) and (target_modules.lower() == "all-linear" or not any(
-        targets.matches(n, [target_modules]) for n, _ in model.named_modules()))
-    asked = LoRAConfig([] if pattern else target_modules, rank, alpha, dropout, rslora, modules_to_save,
-                       exclude_modules, layers_to_transform, layers_pattern, bias)  # checks the arguments
+    asked = LoRAConfig([] if isinstance(target_modules, str) else target_modules, rank, alpha, dropout, rslora,
+                       modules_to_save, exclude_modules, layers_to_transform, layers_pattern, bias)  # checks them
     if layers := _lora_layers(model):
         raise ValueError(f"the model already has LoRA layers ({layers[0][0]}, ...): call "
                          "add_lora once with every target, or merge_lora(model) first")
     if getattr(vars(model).get("adapter_config"), "technique", LoRAConfig.technique) != LoRAConfig.technique:
         raise ValueError(f"the model already carries {model.adapter_config.technique} (model.adapter_config): "
                          "one technique per model; remove it first")
-    modules = dict(model.named_modules())
-    saved = [n for n in modules if n and targets.matches(n, asked.modules_to_save)]
-    if missing := [s for s in asked.modules_to_save if not any(targets.matches(n, [s]) for n in saved)]:
-        raise ValueError(f"modules_to_save {missing} matched no module; the top-level modules are "
-                         f"{[n for n, _ in model.named_children()]}")
-    chosen = targets.select(model, target_modules if pattern else asked.target_modules, exclude_modules,
-                            layers_to_transform, layers_pattern, skip=saved)
+    modules, saved = dict(model.named_modules()), targets.modules_named(model, asked.modules_to_save)
+    chosen = targets.select(model, target_modules if isinstance(target_modules, str) else asked.target_modules,
+                            exclude_modules, layers_to_transform, layers_pattern, skip=saved)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
-        wrappers = {name: _wrap(modules[name], rank, alpha, dropout, rslora) for name in chosen}
+        wrappers = {name: (_sibling("lora_layers").LoRAEmbedding if targets.layer_kind(modules[name]) == "embedding"
+                           else LoRALinear)(modules[name], rank, alpha, dropout, rslora) for name in chosen}
         model.requires_grad_(False)
         for name, wrapper in wrappers.items():
             model.set_submodule(name, wrapper)
@@ -201,18 +189,10 @@ def add_lora(model, target_modules, rank=8, alpha=16, dropout=0.0, rslora=False,
     return model
 
 
-def _wrap(layer: nn.Module, rank, alpha, dropout, rslora) -> LoRALinear:  # the LoRA layer for this type of layer
-    if targets.layer_kind(layer) == "embedding":
-        return _sibling("lora_layers").LoRAEmbedding(layer, rank, alpha, dropout, rslora)
-    return LoRALinear(layer, rank, alpha, dropout, rslora)
-
-
 def _trained_biases(model: nn.Module) -> list[str]:  # peft's bias modes: the biases that train beside A and B
-    bias = getattr(_lora_config(model), "bias", "none")
-    if bias == "all":
+    if (bias := getattr(_lora_config(model), "bias", "none")) == "all":
         return [n for n, _ in model.named_parameters() if n == "bias" or n.endswith(".bias")]
-    return [f"{n}.base.bias" for n, m in _lora_layers(model) if getattr(m.base, "bias", None) is not None
-            and bias == "lora_only"]
+    return [f"{n}.base.bias" for n, m in _lora_layers(model) if bias == "lora_only" and m.base.bias is not None]
 
 
 def _remove_lora(model: nn.Module, flags: dict | None = None) -> None:  # undo add_lora (flags: requires_grad before)
@@ -227,14 +207,14 @@ def _remove_lora(model: nn.Module, flags: dict | None = None) -> None:  # undo a
 def merge_lora(model: nn.Module, unload: bool = True, safe_merge: bool = False) -> nn.Module:
     """Fold every LoRA update into its base weight; returns ``model`` (a no-op without LoRA layers).
 
-    With ``unload`` (the default) each LoRA layer is replaced by its plain merged base layer, ready to deploy at
-    the base model's cost (``model.adapter_config`` goes too); ``unload=False`` keeps the wrappers, so that
-    ``unmerge_lora`` can take the updates back out. ``safe_merge`` (peft's) first checks that no merged weight holds
-    NaN or inf: a ValueError names the layer and the model is left exactly as it was."""
+    ``unload`` (the default) puts back the plain merged base layers (``model.adapter_config`` goes too);
+    ``unload=False`` keeps the wrappers for ``unmerge_lora``. ``safe_merge`` (peft's) refuses weights with NaN or
+    inf: a ValueError names the layers, and the model stays as it was."""
     layers = [(name, layer) for name, layer in _lora_layers(model) if not layer.merged]
     with torch.no_grad():  # all or nothing: first every merged weight (one extra copy), the model untouched
         merged = [layer.merged_weight() for _, layer in layers]
-        if safe_merge and (bad := [n or type(m).__name__ for (n, m), w in zip(layers, merged) if not w.isfinite().all()]):
+        bad = [name or type(layer).__name__ for (name, layer), w in zip(layers, merged) if not w.isfinite().all()]
+        if safe_merge and bad:
             raise ValueError(f"merging LoRA into {bad} would write NaN/inf into the base weights: the adapter is "
                              "broken (a diverged training run?); nothing was merged")
         for (_, layer), weight in zip(layers, merged):  # then copy them in: nothing left that can fail halfway
@@ -254,7 +234,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 # --- saving ---
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What LoRA trains, what a file holds: the LoRA factors, the ``modules_to_save`` and the ``bias`` mode's biases."""
+    """What LoRA trains, what a file holds: the LoRA factors, ``modules_to_save`` and the ``bias`` mode's biases."""
     if not (layers := _lora_layers(model)):
         raise ValueError("the model has no LoRA layers: call add_lora(model, target_modules) first")
     saved, biases = getattr(_lora_config(model), "modules_to_save", []), set(_trained_biases(model))
@@ -264,23 +244,19 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, path):
-    """Write ``adapter_state_dict(model)`` and ``model.adapter_config`` to one safetensors file, atomically
-    (``adapter_files.py`` and safetensors do the saving; the technique itself needs only torch)."""
+    """Write ``adapter_state_dict(model)`` and ``model.adapter_config`` to one safetensors file (adapter_files.py)."""
     return _sibling("adapter_files").write_adapter(adapter_state_dict(model), path, _lora_config(model, required=True))
 
 
 def load_adapter(model: nn.Module, path) -> LoRAConfig:
     """Load what ``save_adapter`` wrote, injecting LoRA from the saved config if ``model`` has none.
 
-    The file must be LoRA's and hold exactly what LoRA trains, in the model's shapes: another technique's file,
-    other keys (a frozen base weight, say) or missing ones are a ValueError naming them. LoRA with another alpha
-    or rslora than the file's is refused (not silently run with its own scaling), and so is a merged model; the
-    model keeps its own ``dropout`` (it acts in training only). On any error or interruption the model is left
-    exactly as it came. Files written before a config field existed load with its default."""
+    The file must be LoRA's and hold exactly what LoRA trains, in the model's shapes (else a ValueError names the
+    keys). LoRA with another alpha or rslora than the file's is refused, and so is a merged model; the model keeps
+    its own ``dropout``. On any error the model is left as it came. A field the file predates takes its default."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapter needs a torch.nn.Module, got {type(model).__name__}")
-    files = _sibling("adapter_files")
-    tensors, config = files.read_adapter(path, LoRAConfig)
+    tensors, config = (files := _sibling("adapter_files")).read_adapter(path, LoRAConfig)
     layers, flags = _lora_layers(model), {n: p.requires_grad for n, p in model.named_parameters()}
     if any(layer.merged for _, layer in layers):  # a later unmerge would take out the new B A, not the merged one
         raise ValueError("the model's LoRA is merged into its base weights: unmerge_lora(model) before load_adapter")
@@ -307,7 +283,7 @@ def export_peft(model: nn.Module, path, base_model_name_or_path: str | None):
     is replaced whole (other files in it are kept): an interrupted export leaves an earlier one intact."""
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
         raise TypeError(f"base_model_name_or_path must be a str or None, got {base_model_name_or_path!r}")
-    wrapped = {n: m for n, m in _lora_layers(model)}
+    wrapped = dict(_lora_layers(model))
     peft_name = {f"{n}.base.bias": f"{n}.base_layer.bias" for n in wrapped}  # peft's name for the wrapped base
     tensors = {f"base_model.model.{peft_name.get(k, k)}": v for k, v in adapter_state_dict(model).items()}
     cfg, files = _lora_config(model, required=True), _sibling("adapter_files")
@@ -315,9 +291,8 @@ def export_peft(model: nn.Module, path, base_model_name_or_path: str | None):
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
         "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
         "target_modules": cfg.target_modules,  # full names: peft then wraps exactly these layers
-        "modules_to_save": cfg.modules_to_save or None, "bias": cfg.bias, "inference_mode": True,
-        "exclude_modules": cfg.exclude_modules, "layers_to_transform": cfg.layers_to_transform,
-        "layers_pattern": cfg.layers_pattern,  # peft's rules keep every full name of target_modules
+        "modules_to_save": cfg.modules_to_save or None, "inference_mode": True,  # and the fields of the same name:
+        **{k: getattr(cfg, k) for k in ("bias", "exclude_modules", "layers_to_transform", "layers_pattern")},
         "fan_in_fan_out": any(getattr(m, "fan_in_fan_out", False) for m in wrapped.values())}  # Conv1D (GPT-2)
     with files.atomic_folder(path) as folder:
         files.save_tensors(tensors, folder / "adapter_model.safetensors", peft_config)

@@ -5,7 +5,8 @@ written for peft picks the same layers here:
 
     ["query", "value"]        a full module name, or its last dotted components ("query" matches
                               "bert.encoder.layer.0.attention.self.query")
-    r".*\\.(q|v)"             any other str is a regular expression that must match a whole module name
+    ".*\\.(q|v)"              any other str is a regular expression that must match a whole module name
+                              (a str that names modules, "query", is taken as that name, where peft finds none)
     "all-linear"              every nn.Linear and GPT-2 Conv1D, but not the output head (lm_head, classifier, ...)
     exclude_modules           names (list, same rule) or a regular expression (str) to leave out
     layers_to_transform=[0]   only layers 0 (an int or a list); the index is the first number in the name that
@@ -26,7 +27,7 @@ HEADS = ("lm_head", "classifier", "score", "logits_proj")  # output heads "all-l
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """"linear", "conv1d" (transformers' GPT-2 layer), "4bit" (a peftkit 4-bit linear), "embedding", or None."""
+    """The kind of layer LoRA can wrap: linear, conv1d (GPT-2), 4bit (peftkit), embedding; None otherwise."""
     if isinstance(module, nn.Linear):
         return "linear"
     if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
@@ -68,7 +69,7 @@ def suggest_targets(model: nn.Module) -> list[str]:
         raise ValueError(f"{_family(model)} keeps its attention projections (e.g. "
                          f"{next(n for n in params if matches(n, ['q', 'query']))!r}) as parameters, not "
                          f"linear layers, so LoRA cannot wrap them. Use target_modules='all-linear', which adapts its "
-                         f"linear layers {sorted({n.rpartition('.')[2] for n in select(model, 'all-linear')})}. Query/value "
+                         f"layers {sorted({n.rpartition('.')[2] for n in select(model, 'all-linear')})}. Query/value "
                          "targets exist for the families bert, roberta, albert, electra, t5, gpt2, llama")
     raise ValueError(f"{_family(model)} has none of the query/value layer names {QUERY_VALUE}; its adaptable layers "
                      f"are {sorted({n.rpartition('.')[2] for n in adaptable_layers(model)})}: pick some, or "
@@ -92,6 +93,15 @@ def _layer_index(name: str, layers_pattern) -> int | None:  # peft's rule: the f
         if match:
             return int(match.group(1))
     return None
+
+
+def modules_named(model: nn.Module, names) -> list[str]:
+    """Full names of the modules that ``names`` (a list: full names or dotted suffixes) pick, e.g. modules_to_save."""
+    found = [n for n, _ in model.named_modules() if n and matches(n, names)]
+    if missing := [t for t in names if not any(matches(n, [t]) for n in found)]:
+        raise ValueError(f"modules_to_save {missing} matched no module; the top-level modules are "
+                         f"{[n for n, _ in model.named_children()]}")
+    return found
 
 
 def check_selection(target_modules, exclude_modules, layers_to_transform, layers_pattern) -> None:
@@ -122,8 +132,10 @@ def select(model: nn.Module, target_modules, exclude_modules=None, layers_to_tra
     """Full names of the modules ``target_modules`` picks (see the module docstring), outside the full names
     ``skip`` (modules_to_save). Checks the arguments first; a target that matches nothing names the layers that
     exist, one that matches a layer LoRA cannot wrap names its type."""
-    check_selection(target_modules, exclude_modules, layers_to_transform, layers_pattern)
     modules = {n: m for n, m in model.named_modules() if n}
+    if isinstance(target_modules, str) and any(matches(n, [target_modules]) for n in modules):
+        target_modules = [target_modules]  # a str naming modules is that name (peft would find nothing)
+    check_selection(target_modules, exclude_modules, layers_to_transform, layers_pattern)
     kinds = {n: layer_kind(m) for n, m in modules.items()}
     short = sorted({n.rpartition(".")[2] for n, k in kinds.items() if k})
     if not short:
