@@ -447,3 +447,121 @@ def test_load_adapter_into_a_model_it_cannot_fit_undoes_the_injection(tmp_path):
         load_adapter(other, path)
     assert [n for n, _ in other.named_parameters()] == names
     assert all(p.requires_grad for p in other.parameters()) and "adapter_config" not in vars(other)
+
+
+# --- bias modes, safe_merge and the new config fields, against peft on BERT, GPT-2 and Llama ----------------------
+
+from test_lora_layers import logits as family_logits  # noqa: E402
+from test_lora_layers import ours_name, trainable, twins  # noqa: E402
+
+TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj"]}
+
+
+@pytest.mark.parametrize("family", TARGETS)
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_bias_modes_train_and_save_what_peft_does(family, bias):
+    _, theirs, ours = twins(family, TARGETS[family], bias=bias)
+    assert {ours_name(n): c for n, c in trainable(theirs).items()} == trainable(ours)
+    assert theirs.get_nb_trainable_parameters()[0] == sum(trainable(ours).values())
+    peft_keys = peft.get_peft_model_state_dict(theirs).keys()
+    assert {ours_name(k) for k in peft_keys} == set(adapter_state_dict(ours))
+    biases = {n for n in trainable(ours) if n.endswith("bias")}
+    if family == "llama" or bias == "none":
+        assert not biases  # Llama's linears have no bias
+    elif bias == "lora_only":
+        assert biases and all(n.endswith(".base.bias") for n in biases)
+    else:
+        assert any(n.endswith("LayerNorm.bias") or n.endswith("ln_1.bias") for n in biases)
+    torch.testing.assert_close(family_logits(ours, family), family_logits(theirs, family))
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_export_to_peft_and_round_trip(family, bias, tmp_path):
+    base, _, ours = twins(family, TARGETS[family], bias=bias, rank=4)
+    export_peft(ours, tmp_path / "peft", "tiny")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["bias"] == bias
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    torch.testing.assert_close(family_logits(loaded, family), family_logits(ours, family))
+    fresh = copy.deepcopy(base)
+    assert load_adapter(fresh, save_adapter(ours, tmp_path / "a.safetensors")).bias == bias
+    assert trainable(fresh) == trainable(ours)
+    torch.testing.assert_close(family_logits(fresh, family), family_logits(ours, family))
+    merged = merge_lora(copy.deepcopy(ours))  # the trained biases stay in the plain layers
+    torch.testing.assert_close(family_logits(merged, family), family_logits(ours, family))
+
+
+def test_bad_bias_is_refused_and_leaves_the_model():
+    model = tiny_bert()
+    with pytest.raises(ValueError, match=r"bias must be 'none', 'all' or 'lora_only'.*'some'"):
+        add_lora(model, ["query"], bias="some")
+    assert all(p.requires_grad for p in model.parameters()) and "adapter_config" not in vars(model)
+
+
+def state(model):
+    return ([(n, type(m), getattr(m, "merged", None)) for n, m in model.named_modules()],
+            {n: t.clone() for n, t in model.state_dict().items()})
+
+
+@pytest.mark.parametrize("family", TARGETS)
+@pytest.mark.parametrize("unload", [True, False])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_safe_merge_refuses_nan_or_inf_and_changes_nothing(family, unload, bad):
+    _, theirs, ours = twins(family, TARGETS[family])
+    broken = ours_name(n := [n for n, _ in theirs.named_parameters() if "lora_B" in n][-1])  # the last layer
+    for model, name in ((theirs, n), (ours, broken)):
+        with torch.no_grad():
+            model.get_parameter(name)[0, 0] = bad
+    with pytest.raises(ValueError, match="NaN"):
+        copy.deepcopy(theirs).merge_and_unload(safe_merge=True)  # peft refuses too
+    before = state(ours)
+    with pytest.raises(ValueError, match=rf"\['{broken.rpartition('.lora_B')[0]}'\] would write NaN/inf"):
+        merge_lora(ours, unload=unload, safe_merge=True)
+    after = state(ours)
+    assert after[0] == before[0] and "adapter_config" in vars(ours)  # no layer merged or unloaded, not even the first
+    for n, t in after[1].items():
+        torch.testing.assert_close(t, before[1][n], rtol=0, atol=0, equal_nan=True)
+    merged = merge_lora(ours, unload=unload)  # without safe_merge it merges, as peft does
+    layer = broken.rpartition(".lora_B")[0]
+    assert not merged.get_parameter(f"{layer}.weight" if unload else f"{layer}.base.weight").isfinite().all()
+
+
+def test_layer_merge_takes_safe_merge_too():
+    layer = LoRALinear(nn.Linear(4, 3), rank=2)
+    with torch.no_grad():
+        layer.lora_B.weight.fill_(float("inf"))
+        layer.lora_A.weight.fill_(1.0)
+    weight = layer.base.weight.clone()
+    with pytest.raises(ValueError, match=r"\['LoRALinear'\] would write NaN/inf"):
+        layer.merge(safe_merge=True)
+    assert not layer.merged and torch.equal(layer.base.weight, weight)
+
+
+def test_new_config_fields_are_recorded_saved_and_exported(tmp_path):
+    model = add_lora(tiny_bert(), ["query", "value"], layers_to_transform=[0, 1], layers_pattern="layer",
+                     exclude_modules=["key"], bias="lora_only")
+    config = model.adapter_config
+    assert (config.layers_to_transform, config.layers_pattern, config.exclude_modules, config.bias) == (
+        [0, 1], "layer", ["key"], "lora_only")
+    with safe_open(save_adapter(model, tmp_path / "a.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["config"])["layers_pattern"] == "layer"
+    assert load_adapter(tiny_bert(), tmp_path / "a.safetensors") == config
+    exported = json.loads((export_peft(model, tmp_path / "peft", None) / "adapter_config.json").read_text())
+    assert {k: exported[k] for k in ("layers_to_transform", "layers_pattern", "exclude_modules", "bias")} == {
+        "layers_to_transform": [0, 1], "layers_pattern": "layer", "exclude_modules": ["key"], "bias": "lora_only"}
+    loaded = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "peft")
+    assert {n.removeprefix("base_model.model.") for n, m in loaded.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer)} == set(config.target_modules)
+
+
+def test_a_file_saved_before_the_new_fields_still_loads(tmp_path):
+    trained = randomize_(add_lora(tiny_bert(), ["query", "value"], rank=4))
+    old = {k: v for k, v in asdict(trained.adapter_config).items()
+           if k not in ("exclude_modules", "layers_to_transform", "layers_pattern", "bias")}
+    path = adapter_files.save_tensors(adapter_state_dict(trained), tmp_path / "old.safetensors",
+                                      {"technique": "lora", **old})
+    model = tiny_bert()
+    config = load_adapter(model, path)
+    assert (config.bias, config.exclude_modules, config.layers_to_transform) == ("none", None, None)
+    torch.testing.assert_close(logits(model), logits(trained))
