@@ -1,4 +1,4 @@
-"""peftkit.lora against Hugging Face peft, on a tiny BERT classifier and a tiny Llama."""
+"""peftkit.lora against Hugging Face peft, on a tiny BERT classifier, a tiny Llama and (below) a tiny GPT-2."""
 
 import copy
 import json
@@ -24,6 +24,8 @@ from peftkit.lora import (
     unmerge_lora,
 )
 
+from test_lora_layers import logits as family_logits  # noqa: E402
+from test_lora_layers import ours_name, trainable, twins  # noqa: E402
 from tiny import tiny_bert, tiny_llama  # noqa: E402
 
 torch.set_num_threads(1)
@@ -450,10 +452,6 @@ def test_load_adapter_into_a_model_it_cannot_fit_undoes_the_injection(tmp_path):
 
 
 # --- bias modes, safe_merge and the new config fields, against peft on BERT, GPT-2 and Llama ----------------------
-
-from test_lora_layers import logits as family_logits  # noqa: E402
-from test_lora_layers import ours_name, trainable, twins  # noqa: E402
-
 TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj"]}
 
 

@@ -2,7 +2,6 @@
 
 import copy
 import json
-import warnings
 
 import peft
 import pytest
@@ -18,7 +17,7 @@ from peftkit.lora_layers import LoRAEmbedding
 from families import build, inputs  # noqa: E402
 
 torch.set_num_threads(1)
-warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")  # peft says it sets it for Conv1D itself
+pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out")  # peft sets it for Conv1D itself
 
 
 def logits(model, family):

@@ -1,7 +1,6 @@
 """peftkit.targets: which layers add_lora wraps, compared with the layers peft 0.21.2 wraps, on the eight families."""
 
 import copy
-import warnings
 
 import peft
 import pytest
@@ -14,7 +13,7 @@ from peftkit.lora import LoRALinear, add_lora, load_adapter, save_adapter
 from families import FAMILIES, QV, build  # noqa: E402
 
 torch.set_num_threads(1)
-warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out")  # peft sets it for Conv1D itself
 MODELS = {family: build(family) for family in FAMILIES}  # built once; every test copies what it changes
 ENCODERS = ["bert", "roberta", "albert", "electra", "xlnet"]  # sequence classifiers: peft's SEQ_CLS task
 
