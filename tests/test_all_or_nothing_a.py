@@ -512,11 +512,16 @@ def copied_lora(folder, *siblings):
     import importlib.util
     import shutil
 
-    for name in siblings:
+    for name in ("targets.py", *siblings):  # lora.py's docstring names targets.py as the file it needs
         shutil.copy(os.path.join(os.path.dirname(lora.__file__), name), folder)
     spec = importlib.util.spec_from_file_location("my_lora", shutil.copy(lora.__file__, folder / "my_lora.py"))
     alone = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(alone)
+    sys.path.insert(0, str(folder))  # the project's folder, where its `import targets` finds the copy
+    try:
+        spec.loader.exec_module(alone)
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop("targets", None)
     return alone
 
 
