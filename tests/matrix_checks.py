@@ -35,6 +35,12 @@ def logits(model, family) -> torch.Tensor:
     return model(**families.inputs(family)).logits
 
 
+def close(actual, expected):
+    """assert_close with an absolute tolerance for outputs of the encoders' scale (logits ~ 1e-2, not 1):
+    the default 1e-5 there would let a 1% error in a LoRA update pass."""
+    assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
 def quietly(build):  # peft warns about position ids and the renamed cache argument; the values are checked
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -83,14 +89,14 @@ def _lora(family, targets):
         lora.export_peft(model, Path(folder) / "peft", None)  # peft's LoRA with our A and B: its outputs
         theirs = quietly(lambda: peft.PeftModel.from_pretrained(families.build(family), Path(folder) / "peft"))
         with torch.no_grad():
-            assert_close(logits(theirs, family), out)
+            close(logits(theirs, family), out)
     if targets == "all-linear":  # what we wrap, peft's "all-linear" wraps too (peft may add the head)
         theirs = quietly(lambda: peft.get_peft_model(families.build(family), peft.LoraConfig(
             r=RANK, target_modules="all-linear")))
         wrapped = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
         assert set(model.adapter_config.target_modules) <= wrapped, set(model.adapter_config.target_modules) - wrapped
     with torch.no_grad():
-        assert_close(logits(lora.merge_lora(model), family), out)
+        close(logits(lora.merge_lora(model), family), out)
 
 
 def _qlora(family):
@@ -105,7 +111,7 @@ def _qlora(family):
         float_lora = lora.add_lora(families.build(family), model.adapter_config.target_modules, RANK, ALPHA)
         lora.load_adapter(float_lora, lora.save_adapter(model, Path(folder) / "qlora.safetensors"))
     with torch.no_grad():
-        assert_close(logits(qlora.merge_into_float(model, families.build(family)), family),
+        close(logits(qlora.merge_into_float(model, families.build(family)), family),
                      logits(float_lora, family))
 
 
@@ -143,7 +149,7 @@ def _prompt(family, module, build, peft_config, copy_into_peft):
     theirs = quietly(lambda: peft.get_peft_model(families.build(family), peft_config).eval())
     copy_into_peft(model, theirs)
     with torch.no_grad():
-        assert_close(quietly(lambda: logits(theirs, family)), out)
+        close(quietly(lambda: logits(theirs, family)), out)
 
 
 def _prompt_tuning(family):
