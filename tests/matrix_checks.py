@@ -141,9 +141,8 @@ def _peft_prompt_config(config_class, family, **kwargs):
 
 def _prompt(family, module, build, peft_config, copy_into_peft):
     model = build(families.build(family))
-    head = {n for n, _ in model.named_parameters() if not n.startswith("prompt_encoder.")}
-    out = check_training(model, family, module.adapter_state_dict(model),
-                         lambda n: n.startswith("prompt_encoder.") or n in head)
+    trains = re.compile(r"(prompt_encoder|prefix_encoder|base_model\.(classifier|score))\.")  # prompt, head
+    out = check_training(model, family, module.adapter_state_dict(model), lambda n: bool(trains.match(n)))
     with tempfile.TemporaryDirectory() as folder:
         check_round_trip(module, model, lambda: build(families.build(family)), family, folder)
     theirs = quietly(lambda: peft.get_peft_model(families.build(family), peft_config).eval())
