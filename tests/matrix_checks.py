@@ -111,8 +111,7 @@ def _qlora(family):
         float_lora = lora.add_lora(families.build(family), model.adapter_config.target_modules, RANK, ALPHA)
         lora.load_adapter(float_lora, lora.save_adapter(model, Path(folder) / "qlora.safetensors"))
     with torch.no_grad():
-        close(logits(qlora.merge_into_float(model, families.build(family)), family),
-                     logits(float_lora, family))
+        close(logits(qlora.merge_into_float(model, families.build(family)), family), logits(float_lora, family))
 
 
 # --- bottleneck adapters (peft has none; tests/test_adapters.py checks them against the formula) ---

@@ -519,7 +519,8 @@ def family_wrapped(family, placement):
     if family == "t5":  # the feed-forward block is the encoder's 2nd sublayer, the decoder's 3rd
         paths = {"encoder": {"attention": "layer.0.SelfAttention.o", "feed_forward": "layer.1.DenseReluDense.wo"},
                  "decoder": {"attention": "layer.0.SelfAttention.o", "feed_forward": "layer.2.DenseReluDense.wo"}}
-        return {f"{stack}.block.{i}.{paths[stack][s]}" for stack in paths for i in range(2) for s in SUBLAYERS[placement]}
+        return {f"{stack}.block.{i}.{paths[stack][s]}"
+                for stack in paths for i in range(2) for s in SUBLAYERS[placement]}
     return {prefix.format(i=i) + FAMILY_SUBLAYERS[family][s]
             for prefix in FAMILY_LAYERS[family] for i in range(2) for s in SUBLAYERS[placement]}
 
