@@ -13,8 +13,10 @@ a few have quirks that change what an adapter means:
   (after the feed-forward block's ``ff.layer_2``) works.
 - T5 is an encoder-decoder: an encoder block has self-attention and feed-forward, a decoder block
   self-attention, cross-attention and feed-forward. As AdapterHub does (its ``cross_adapter`` is
-  off in both configs), adapters follow self-attention and feed-forward, in both stacks.
+  off in both configs), adapters follow self-attention and feed-forward, in both stacks. As for BERT, the
+  adapter reads the projection's output before the sublayer's dropout (AdapterHub: after; equal in eval).
 - GPT-2 stores its projections as transformers' ``Conv1D`` (weight transposed, out size ``nf``).
+T5, GPT-2 and Llama normalise before each sublayer, so "houlsby" trains those norms there.
 
 A layer is recognised by structure (all of its layout's paths exist), so related models (Mistral
 and Qwen use Llama's names, XLM-RoBERTa BERT's) work too; errors name ``config.model_type``.
