@@ -22,7 +22,10 @@ with input x and output h computes LN(x + h); AdapterHub's original_ln_before pl
   the same LN follows again: LN(x + h + W_up f(W_down y + b_down) + b_up). BERT only: Llama has
   no norm after its residual add. The course's "pfeiffer" recipe keeps the default, with which
   its numbers were recorded; benchmarks/adapter_placement.py measures this one.
-In Llama, "houlsby" trains the RMSNorms in front of each sublayer.
+In Llama, "houlsby" trains the RMSNorms in front of each sublayer. Families: BERT, RoBERTa, ALBERT
+(one shared layer, hence one shared set of adapters), ELECTRA, XLNet ("pfeiffer" only), T5 (encoder
+and decoder blocks), GPT-2 (Conv1D) and Llama; where each keeps its projections is in
+``adapter_layouts.py``, which this file needs beside it.
 
 Trained: the adapters (plus the layers' norms for "houlsby", plus any modules_to_save).
 Frozen: everything else. Unlike LoRA, an adapter cannot be merged into the base weights
@@ -40,6 +43,11 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+
+try:
+    from . import adapter_layouts
+except ImportError:  # this file was copied into a project, beside adapter_layouts.py
+    import adapter_layouts
 
 NON_LINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "swish": nn.SiLU}
 
@@ -77,6 +85,10 @@ class AdaptedSublayer(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.adapter(self.base(*args, **kwargs))
+
+    @property
+    def weight(self):  # T5's feed-forward reads wo.weight.dtype; peft's layers forward it the same way
+        return self.base.weight
 
 
 class AdaptedBlockAfterNorm(AdaptedSublayer):
@@ -137,27 +149,6 @@ def _check_choice(what: str, value, valid: dict):
         raise ValueError(f"unknown {what} {value!r}; valid ones: {sorted(valid)}")
 
 
-# Where each model family keeps, inside one transformer layer, the two projections an adapter can
-# follow and the norms that "houlsby" trains. A layer is recognised when all four paths exist.
-FAMILIES = {"bert": {"attention": "attention.output.dense", "feed_forward": "output.dense",
-                     "norms": ("attention.output.LayerNorm", "output.LayerNorm")},
-            "llama": {"attention": "self_attn.o_proj", "feed_forward": "mlp.down_proj",
-                      "norms": ("input_layernorm", "post_attention_layernorm")}}
-
-
-def find_layers(model: nn.Module) -> tuple[str, list[tuple[str, nn.Module]]]:
-    """(family, [(name, layer), ...]): the transformer layers adapters can be placed in."""
-    looked_for = []
-    for family, parts in FAMILIES.items():
-        paths = (parts["attention"], parts["feed_forward"], *parts["norms"])
-        layers = [(n, m) for n, m in model.named_modules() if set(paths) <= {k for k, _ in m.named_modules()}]
-        if layers:
-            return family, layers
-        looked_for.append(f"{family}: a layer with {', '.join(paths)}")
-    raise ValueError(f"cannot place adapters in {type(model).__name__}: found no transformer layer of a "
-                     f"known family. Looked for {'; '.join(looked_for)}.")
-
-
 def _modules_to_save(model: nn.Module, targets) -> dict[str, nn.Module]:
     """peft's rule: a target names a module by its full dotted name or by its last components."""
     found = {}
@@ -186,20 +177,25 @@ def add_adapters(model: nn.Module, config="houlsby", **overrides) -> nn.Module:
         raise ValueError(f"this model already carries {carried} (model.adapter_config): one technique per model")
     if carried or any(isinstance(m, AdaptedSublayer) for m in model.modules()):
         raise ValueError("this model already has adapters: call remove_adapters(model) before adding again")
-    family, layers = find_layers(model)
-    if config.original_ln_before and family != "bert":
-        raise ValueError(f"original_ln_before=True needs a LayerNorm after the residual add: {family} has none")
+    layers, family = adapter_layouts.find_layers(model), adapter_layouts.model_type(model)
+    for sublayer in PLACEMENTS[config.placement]["sublayers"]:
+        if any(getattr(layout, sublayer) is None for _, _, layout in layers):
+            raise ValueError(f"{config.placement!r} places an adapter after the {sublayer} output projection, which "
+                             f"{family} keeps as a parameter, not a module; families it supports: "
+                             f"{adapter_layouts.supporting(sublayer)}; 'pfeiffer' (feed-forward only) works on it")
+    if config.original_ln_before and not all(layout.output_blocks for _, _, layout in layers):
+        raise ValueError(f"original_ln_before=True needs a LayerNorm after the residual add: {family} has none in "
+                         f"a (dense, dropout, LayerNorm) block; families that do: bert, electra, roberta")
     to_save = _modules_to_save(model, config.modules_to_save)
     # Build every wrapper before touching the model, so a bad reduction factor changes nothing.
     plan = []
-    for _, layer in layers:
+    for _, layer, layout in layers:
         for sublayer in PLACEMENTS[config.placement]["sublayers"]:
-            path = FAMILIES[family][sublayer]
+            path = getattr(layout, sublayer)
             base = layer.get_submodule(path)
-            if not isinstance(getattr(base, "out_features", None), int):
+            if (size := adapter_layouts.hidden_size(base)) is None:
                 raise ValueError(f"{path} is a {type(base).__name__} without an int out_features (the hidden size)")
-            adapter = BottleneckAdapter(base.out_features, config.reduction_factor,
-                                        config.non_linearity, config.init_std)
+            adapter = BottleneckAdapter(size, config.reduction_factor, config.non_linearity, config.init_std)
             weight = getattr(base, "weight", None)  # a tensor, or a 4-bit peftkit.nf4.NF4Tensor
             if getattr(weight, "device", None) is not None:  # its device; its dtype unless quantized (then float32)
                 floating = isinstance(weight, torch.Tensor) and weight.is_floating_point()
@@ -211,7 +207,7 @@ def add_adapters(model: nn.Module, config="houlsby", **overrides) -> nn.Module:
 
     trained = [wrapped.adapter for _, _, wrapped in plan] + list(to_save.values())
     if PLACEMENTS[config.placement]["train_norms"]:
-        trained += [layer.get_submodule(path) for _, layer in layers for path in FAMILIES[family]["norms"]]
+        trained += [layer.get_submodule(path) for _, layer, layout in layers for path in layout.norms]
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
         model.requires_grad_(False)

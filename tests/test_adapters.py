@@ -13,11 +13,13 @@ from torch import nn
 from torch.testing import assert_close
 from transformers import BertModel
 
+import peftkit.adapter_layouts
 import peftkit.adapters
 from peftkit import adapter_files
 from peftkit.adapters import (AdaptedSublayer, AdapterConfig, BottleneckAdapter, adapter_state_dict, add_adapters,
                               load_adapter, remove_adapters, save_adapter)
 
+import families  # noqa: E402
 from tiny import assert_unchanged, snapshot, tiny_bert, tiny_llama  # noqa: E402
 
 # Largest output change allowed at initialisation with the default init_std=1e-3. The adapter's
@@ -470,8 +472,14 @@ def import_copy(module, path):
     return copied
 
 
-def test_file_works_when_copied_alone(tmp_path):
-    alone = import_copy(peftkit.adapters, tmp_path / "my_adapters.py")
+def copy_beside_layouts(tmp_path, monkeypatch):  # the family tables are the one sibling the file needs
+    beside = import_copy(peftkit.adapter_layouts, tmp_path / "adapter_layouts.py")
+    monkeypatch.setitem(sys.modules, "adapter_layouts", beside)  # what `import adapter_layouts` finds
+    return import_copy(peftkit.adapters, tmp_path / "my_adapters.py")
+
+
+def test_file_works_when_copied_beside_adapter_layouts_only(tmp_path, monkeypatch):
+    alone = copy_beside_layouts(tmp_path, monkeypatch)
     model = alone.add_adapters(make("bert"), "pfeiffer", reduction_factor=4)
     assert len(alone.adapter_state_dict(model)) == 2 * 4
     with pytest.raises(ImportError, match="adapter_files"):  # saving needs adapter_files.py beside it
@@ -481,10 +489,144 @@ def test_file_works_when_copied_alone(tmp_path):
 def test_file_copied_beside_adapter_files_saves_and_loads(tmp_path, monkeypatch):
     beside = import_copy(peftkit.adapter_files, tmp_path / "adapter_files.py")
     monkeypatch.setitem(sys.modules, "adapter_files", beside)  # what `import adapter_files` finds
-    alone = import_copy(peftkit.adapters, tmp_path / "my_adapters.py")
+    alone = copy_beside_layouts(tmp_path, monkeypatch)
     model = alone.add_adapters(make("bert"), "pfeiffer", reduction_factor=4)
     randomize(model)
     path = alone.save_adapter(model, tmp_path / "a.safetensors")
     restored = make("bert")
     assert alone.load_adapter(restored, path) == model.adapter_config
     assert torch.equal(run(restored), run(model))
+
+
+# --- every family the course names (tests/families.py) -----------------------------------------
+# Where each family's adapters must sit: (layer prefixes, sublayer path per placement). The paths are
+# written out here, not read from peftkit/adapter_layouts.py, so a wrong table there fails these tests.
+FAMILY_LAYERS = {
+    "bert": ["bert.encoder.layer.{i}."], "roberta": ["roberta.encoder.layer.{i}."],
+    "electra": ["electra.encoder.layer.{i}."], "albert": ["albert.encoder.albert_layer_groups.0.albert_layers.0."],
+    "xlnet": ["transformer.layer.{i}."], "t5": ["encoder.block.{i}.", "decoder.block.{i}."],
+    "gpt2": ["transformer.h.{i}."], "llama": ["model.layers.{i}."]}
+BERT_LIKE = {"attention": "attention.output.dense", "feed_forward": "output.dense"}
+FAMILY_SUBLAYERS = {"bert": BERT_LIKE, "roberta": BERT_LIKE, "electra": BERT_LIKE,
+                    "albert": {"attention": "attention.dense", "feed_forward": "ffn_output"},
+                    "xlnet": {"feed_forward": "ff.layer_2"},
+                    "gpt2": {"attention": "attn.c_proj", "feed_forward": "mlp.c_proj"},
+                    "llama": {"attention": "self_attn.o_proj", "feed_forward": "mlp.down_proj"}}
+PLACEMENT_CASES = [(f, p) for f in families.FAMILIES for p in SUBLAYERS if not (f == "xlnet" and p == "houlsby")]
+
+
+def family_wrapped(family, placement):
+    if family == "t5":  # the feed-forward block is the encoder's 2nd sublayer, the decoder's 3rd
+        paths = {"encoder": {"attention": "layer.0.SelfAttention.o", "feed_forward": "layer.1.DenseReluDense.wo"},
+                 "decoder": {"attention": "layer.0.SelfAttention.o", "feed_forward": "layer.2.DenseReluDense.wo"}}
+        return {f"{stack}.block.{i}.{paths[stack][s]}"
+                for stack in paths for i in range(2) for s in SUBLAYERS[placement]}
+    return {prefix.format(i=i) + FAMILY_SUBLAYERS[family][s]
+            for prefix in FAMILY_LAYERS[family] for i in range(2) for s in SUBLAYERS[placement]}
+
+
+def logits(model, family):
+    return model(**families.inputs(family)).logits
+
+
+@pytest.mark.parametrize("family, placement", PLACEMENT_CASES)
+def test_every_family_gets_adapters_where_its_layout_says(family, placement):
+    model = add_adapters(families.build(family), placement, reduction_factor=4)
+    assert {n for n, m in model.named_modules() if isinstance(m, AdaptedSublayer)} == family_wrapped(family, placement)
+
+
+@pytest.mark.parametrize("family, placement", PLACEMENT_CASES)
+def test_every_family_matches_the_formula_applied_by_hand(family, placement):
+    """The frozen model with the formula hooked onto each projection's output is the adapted model."""
+    model = add_adapters(families.build(family), placement, reduction_factor=4, non_linearity="gelu")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapter." in name:
+                p.normal_(0, 0.3)
+    reference = families.build(family)
+    for name in family_wrapped(family, placement):
+        adapter = model.get_submodule(name).adapter
+        reference.get_submodule(name).register_forward_hook(lambda m, i, out, a=adapter: by_hand(a, out, gelu))
+    with torch.no_grad():
+        assert not torch.allclose(logits(model, family), logits(families.build(family), family), atol=1e-3)
+        assert_close(logits(model, family), logits(reference, family))
+
+
+@pytest.mark.parametrize("family, placement", PLACEMENT_CASES)
+def test_every_family_trains_only_adapters_norms_and_saved_head(family, placement):
+    head = {"gpt2": "lm_head", "llama": "lm_head", "t5": "lm_head", "xlnet": "logits_proj"}.get(family, "classifier")
+    model = add_adapters(families.build(family, eval_mode=False), placement, reduction_factor=4,
+                         modules_to_save=[head])
+    logits(model, family).square().mean().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert with_grad <= trainable == set(adapter_state_dict(model))
+    adapters = {n for n in trainable if ".adapter." in n}
+    assert adapters and adapters <= with_grad
+    norms = {n for n in trainable if "norm" in n.lower() or ".ln_" in n}
+    assert bool(norms) == (placement == "houlsby")
+    head_ids = {id(p) for p in model.get_submodule(head).parameters()}  # T5's lm_head is tied to `shared`
+    assert trainable - adapters - norms == {n for n, p in model.named_parameters() if id(p) in head_ids}
+
+
+@pytest.mark.parametrize("family, placement", PLACEMENT_CASES)
+def test_every_family_round_trips_and_removes_bit_exactly(family, placement, tmp_path):
+    model = add_adapters(families.build(family), placement, reduction_factor=4)
+    randomize(model)
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    fresh = families.build(family)
+    load_adapter(fresh, path)
+    assert torch.equal(logits(fresh, family), logits(model, family))
+    # Removing gives the model back bit for bit, when its own norms ("houlsby") were not trained.
+    model = families.build(family)
+    before, frozen = snapshot(model), logits(model, family)
+    add_adapters(model, placement, reduction_factor=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapter." in name:
+                p.normal_(0, 0.3)
+    assert not torch.allclose(logits(model, family), frozen, atol=1e-3)
+    remove_adapters(model)
+    assert_unchanged(model, before)
+    assert torch.equal(logits(model, family), frozen)
+
+
+def test_albert_shares_one_set_of_adapters_between_all_passes_of_its_one_layer():
+    model = add_adapters(families.build("albert"), "houlsby", reduction_factor=4)
+    d, m, passes = 32, 8, model.config.num_hidden_layers
+    norms = 2 * 2 * d  # two LayerNorms, weight and bias
+    assert sum(p.numel() for p in adapter_state_dict(model).values()) == 2 * (2 * d * m + m + d) + norms
+    calls = []
+    model.get_submodule(next(iter(family_wrapped("albert", "pfeiffer")))).adapter.register_forward_hook(
+        lambda *args: calls.append(1))
+    logits(model, "albert")
+    assert len(calls) == passes == 2
+
+
+def test_xlnet_refuses_houlsby_naming_the_family_and_those_supported():
+    model = families.build("xlnet")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"xlnet keeps as a parameter.*'bert'.*'t5'.*'pfeiffer'"):
+        add_adapters(model, "houlsby")
+    assert_unchanged(model, before)
+
+
+def test_t5_has_no_adapter_in_cross_attention_as_adapterhub():
+    model = add_adapters(families.build("t5"), "houlsby", reduction_factor=4)
+    assert not any("EncDecAttention" in n for n, m in model.named_modules() if isinstance(m, AdaptedSublayer))
+
+
+@pytest.mark.parametrize("family", ["roberta", "gpt2", "t5"])
+def test_original_ln_before_names_the_family_without_bert_blocks(family):
+    if family == "roberta":  # BERT's blocks: allowed
+        add_adapters(families.build(family), "pfeiffer", reduction_factor=4, original_ln_before=True)
+        return
+    with pytest.raises(ValueError, match=f"residual add: {family} has none.*bert, electra, roberta"):
+        add_adapters(families.build(family), "pfeiffer", original_ln_before=True)
+
+
+def test_unknown_family_names_its_model_type_and_the_supported_ones():
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.config = type("Config", (), {"model_type": "mamba"})()
+    with pytest.raises(ValueError, match=r"family 'mamba'.*albert, bert, electra, gpt2, llama, roberta, t5, xlnet"):
+        add_adapters(model)
