@@ -43,7 +43,7 @@ assert type(model[0]).__name__ == "LoRAEmbedding" and type(model[1]).__name__ ==
 assert torch.equal(model(x), before)  # A (embedding) and B (linear) start at zero
 merge_lora(model)
 """),
-    "adapters": ([], """
+    "adapters": (["adapter_layouts"], """
 from adapters import BottleneckAdapter
 h = torch.randn(2, 5, 32)
 assert BottleneckAdapter(32, reduction_factor=8)(h).shape == h.shape
@@ -108,7 +108,7 @@ class Encoder(nn.Module):  # what the prompt methods call: input embeddings, and
 ROUND_TRIPS = {
     "lora": (["targets"], "nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))",
              "technique.add_lora(model, ['0'], rank=2, alpha=4)", "0.lora_B.weight"),
-    "adapters": ([], "nn.ModuleDict({'layer': bert_layer()})", "technique.add_adapters(model, 'pfeiffer')",
+    "adapters": (["adapter_layouts"], "nn.ModuleDict({'layer': bert_layer()})", "technique.add_adapters(model, 'pfeiffer')",
                  "layer.output.dense.adapter.adapter_up.weight"),
     "prompt_tuning": ([], "Encoder()", "technique.PromptTuningModel(model, num_virtual_tokens=3)",
                       "prompt_encoder.embedding.weight"),
