@@ -132,15 +132,15 @@ def _registry(model: nn.Module, required: bool = True) -> dict | None:
     if vars(model).get("_peftkit_disabled"):
         raise ValueError("the model's adapter is disabled (inside disable_adapter): leave that block first")
     live, registry = _live_layers(model), vars(model).get(KEY)
-    config = vars(model).get("adapter_config")
-    if registry is not None and not live and not isinstance(config, LoRAConfig):
-        del model._peftkit_named_adapters  # merged and unloaded
+    active = registry and registry["adapters"][registry["active"]].layers
+    if registry is not None and not any(live.get(n) is layer for n, layer in active.items()):
+        del model._peftkit_named_adapters  # merged and unloaded: none of the active adapter's layers is left
         registry = None
-    if registry is not None and live != registry["adapters"][registry["active"]].layers:
+    if registry is not None and live != active:
         raise ValueError(f"the model's LoRA layers ({sorted(live)}) are not those of its active adapter "
                          f"{registry['active']!r}: they were changed behind the named adapters' back")
     if registry is None and live:
-        if not isinstance(config, LoRAConfig):
+        if not isinstance(config := vars(model).get("adapter_config"), LoRAConfig):
             raise ValueError("the model has LoRA layers but no LoRA config (model.adapter_config): use add_lora")
         registry = model._peftkit_named_adapters = {"active": "default",
                                                     "adapters": {"default": NamedAdapter(config, live)}}
@@ -175,18 +175,23 @@ def _plug(model: nn.Module, out: NamedAdapter | None, into: NamedAdapter | None)
     """Take adapter ``out``'s wrappers out of the model (their base layers go back) and put ``into``'s in."""
     for name, layer in (out.layers if out else {}).items():
         model.set_submodule(name, layer.base)
-        for factor in (layer.lora_A, layer.lora_B):
+        for factor in _factors(layer):
             factor.requires_grad_(False)  # an inactive adapter is frozen, as in peft
     for name, layer in (into.layers if into else {}).items():
-        device = getattr(layer.base.weight, "device", None)  # model.to(...) moved the base, not this adapter
-        for factor in (layer.lora_A, layer.lora_B):
-            factor.to(device).requires_grad_(True)
+        device = layer.base.weight.device  # model.to(...) moved the base layer, not this adapter
+        for factor in _factors(layer):
+            factor.data = factor.data.to(device)
+            factor.requires_grad_(True)
         layer.train(layer.base.training)
         model.set_submodule(name, layer)
     if into:
         model.adapter_config = into.config
     else:
         vars(model).pop("adapter_config", None)
+
+
+def _factors(layer: LoRALinear) -> list[nn.Parameter]:  # lora_A and lora_B (an embedding's too): not the base's
+    return [p for n, p in layer.named_parameters() if not n.startswith("base.")]
 
 
 def _switch(model: nn.Module, out: NamedAdapter | None, into: NamedAdapter | None) -> None:

@@ -27,7 +27,20 @@ from tiny import assert_unchanged, snapshot, wide_llama  # noqa: E402
 
 torch.set_num_threads(1)
 TASK = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM"}
-OTHER = {"bert": ["key", "intermediate.dense"], "llama": ["k_proj", "o_proj"]}  # a second adapter's targets
+
+
+def _conv1d_lora() -> bool:  # LoRA on GPT-2's Conv1D and on embeddings come with issue 15's lora.py
+    try:
+        add_lora(build("gpt2"), ["c_attn", "wte"])
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+LORA_FAMILIES = ["bert", "llama"] + ["gpt2"] * _conv1d_lora()
+EMBEDDING = {"bert": ["word_embeddings"], "gpt2": ["wte"], "llama": ["embed_tokens"]} if _conv1d_lora() else {}
+OTHER = {"bert": ["key", "intermediate.dense"], "gpt2": ["mlp.c_proj"], "llama": ["k_proj", "o_proj"]}
+OTHER = {family: targets + EMBEDDING.get(family, []) for family, targets in OTHER.items()}  # a second adapter's
 
 
 def out(model, family="llama"):
@@ -60,7 +73,7 @@ def peft_lora(base, folders: dict):
 
 
 # --- disable_adapter ---
-@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("family", LORA_FAMILIES)
 def test_disabled_lora_gives_the_base_output_as_peft_does(family, tmp_path):
     base = build(family)
     reference = out(base, family)
@@ -77,7 +90,7 @@ def test_disabled_lora_gives_the_base_output_as_peft_does(family, tmp_path):
     torch.testing.assert_close(out(theirs, family), adapted)
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("family", LORA_FAMILIES)
 def test_a_merged_lora_is_unmerged_in_the_block_and_merged_again_bit_for_bit(family, tmp_path):
     base = build(family)
     model = randomize_(add_lora(copy.deepcopy(base), QV[family], rank=4, alpha=8))
@@ -220,7 +233,7 @@ def two_adapters(family):
     return model
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("family", LORA_FAMILIES)
 def test_named_adapters_match_peft_after_each_switch_and_delete(family, tmp_path):
     model = two_adapters(family)
     folders = {n: export_peft(set_adapter(model, n), tmp_path / n, None) for n in ["a", "b"]}
@@ -253,14 +266,15 @@ def test_only_the_active_adapter_trains_and_runs():
     out_a = out(model)
     inactive = vars(model)["_peftkit_named_adapters"]["adapters"]["b"].layers
     with torch.no_grad():
-        for layer in inactive.values():
-            layer.lora_B.weight.add_(1.0)  # an inactive adapter is outside the forward pass
+        for layer in inactive.values():  # an inactive adapter is outside the forward pass
+            for n, p in layer.named_parameters():
+                if not n.startswith("base."):
+                    p.add_(1.0)
     assert torch.equal(out(model), out_a)
     out(active).sum().backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads == {n for n, p in model.named_parameters() if p.requires_grad} and grads
-    assert all(layer.lora_A.weight.grad is None and not layer.lora_A.weight.requires_grad
-               for layer in inactive.values())
+    assert not any(p.requires_grad or p.grad is not None for layer in inactive.values() for p in layer.parameters())
 
 
 def test_switching_back_is_bit_exact_and_each_adapter_saves_its_own_tensors(tmp_path):
@@ -351,14 +365,15 @@ def test_bad_requests_name_what_exists_and_change_nothing(tmp_path):
 def test_a_failed_load_leaves_the_adapters_as_they_were(tmp_path, monkeypatch):
     model = two_adapters("llama")
     save_bottleneck(add_adapters(build("llama"), "pfeiffer", reduction_factor=4), tmp_path / "bottleneck.safetensors")
-    with_head = add_lora(build("bert"), QV["bert"], modules_to_save=["classifier"])
-    save_adapter(with_head, tmp_path / "head.safetensors")
+    save_adapter(add_lora(build("llama"), ["k_proj"], modules_to_save=["lm_head"]), tmp_path / "head.safetensors")
     save_adapter(add_lora(build("llama"), ["k_proj"]), tmp_path / "good.safetensors")
     (tmp_path / "truncated.safetensors").write_bytes((tmp_path / "good.safetensors").read_bytes()[:100])
     before = state(model)
-    for file, error in [("missing", FileNotFoundError), ("truncated", ValueError), ("bottleneck", ValueError),
-                        ("head", ValueError)]:
-        with pytest.raises(error):
+    for file, error, message in [("missing", FileNotFoundError, "no adapter file"),
+                                 ("truncated", ValueError, "not a complete safetensors file"),
+                                 ("bottleneck", ValueError, "holds a bottleneck_adapters adapter"),
+                                 ("head", ValueError, r"trains \['lm_head'\].*share")]:  # loaded, then refused
+        with pytest.raises(error, match=message):
             load_named_adapter(model, tmp_path / f"{file}.safetensors", "c")
         assert_same(model, before)
 
@@ -374,6 +389,14 @@ def test_a_failed_load_leaves_the_adapters_as_they_were(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         load_named_adapter(bare, tmp_path / "good.safetensors", "c")
     assert_unchanged(bare, bare_before) and "_peftkit_named_adapters" not in vars(bare)
+
+
+def test_lora_layers_changed_behind_the_named_adapters_are_refused():
+    model = two_adapters("llama")
+    layer = model.model.layers[0].self_attn.q_proj
+    model.model.layers[0].self_attn.set_submodule("q_proj", layer.base)
+    with pytest.raises(ValueError, match="not those of its active adapter 'a'"):
+        set_adapter(model, "b")
 
 
 def test_a_merged_or_head_training_active_adapter_cannot_be_switched():
@@ -400,3 +423,6 @@ def test_merging_and_unloading_drops_every_adapter_as_peft_does():
         active_adapter(model)
     add_named_adapter(model, "fresh", ["q_proj"])
     assert list_adapters(model) == ["fresh"]
+    merge_lora(model)
+    add_lora(model, ["v_proj"])  # plain LoRA again, after the named adapters were unloaded
+    assert list_adapters(model) == ["default"]
