@@ -156,13 +156,11 @@ def _adapter(registry: dict, name) -> NamedAdapter:
     return registry["adapters"][name]
 
 
-def _check_switchable(registry: dict, action: str) -> None:
-    """The active adapter can be taken out: it is not merged, and trains nothing the others would share."""
-    active = registry["adapters"][registry["active"]]
-    if any(layer.merged for layer in active.layers.values()):
+def _check_unmerged(registry: dict, action: str) -> None:
+    """Taking a merged adapter out would leave W + dW in the base layers."""
+    if any(layer.merged for layer in registry["adapters"][registry["active"]].layers.values()):
         raise ValueError(f"adapter {registry['active']!r} is merged into the base weights: unmerge_lora(model) "
                          f"before {action}")
-    _check_own_tensors(active.config, f"adapter {registry['active']!r}")
 
 
 def _check_own_tensors(config: LoRAConfig, what: str) -> None:
@@ -179,8 +177,9 @@ def _plug(model: nn.Module, out: NamedAdapter | None, into: NamedAdapter | None)
             factor.requires_grad_(False)  # an inactive adapter is frozen, as in peft
     for name, layer in (into.layers if into else {}).items():
         device = layer.base.weight.device  # model.to(...) moved the base layer, not this adapter
+        if any(factor.device != device for factor in _factors(layer)):
+            layer.to(device)  # the base is there already
         for factor in _factors(layer):
-            factor.data = factor.data.to(device)
             factor.requires_grad_(True)
         layer.train(layer.base.training)
         model.set_submodule(name, layer)
@@ -202,6 +201,11 @@ def _switch(model: nn.Module, out: NamedAdapter | None, into: NamedAdapter | Non
         raise
 
 
+def _set_flags(model: nn.Module, flags: dict[str, bool]) -> None:
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags.get(n, p.requires_grad))
+
+
 def _add(model: nn.Module, name, inject) -> nn.Module:
     """Add the adapter that ``inject(bare model)`` builds under ``name``: all or nothing."""
     if not isinstance(name, str) or not name:
@@ -211,7 +215,8 @@ def _add(model: nn.Module, name, inject) -> nn.Module:
         if name in registry["adapters"]:
             raise ValueError(f"the model already has an adapter named {name!r} (its adapters: "
                              f"{list(registry['adapters'])}): delete_adapter it first, or choose another name")
-        _check_switchable(registry, "adding another adapter")
+        _check_unmerged(registry, "adding another adapter")
+        _check_own_tensors(registry["adapters"][registry["active"]].config, f"adapter {registry['active']!r}")
     active = registry and registry["adapters"][registry["active"]]
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
@@ -223,12 +228,10 @@ def _add(model: nn.Module, name, inject) -> nn.Module:
             _plug(model, new, active)  # added inactive, as in peft
     except BaseException:
         _plug(model, NamedAdapter(None, _live_layers(model)), active)
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags.get(n, p.requires_grad))
+        _set_flags(model, flags)
         raise
     if active:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags.get(n, p.requires_grad))
+        _set_flags(model, flags)  # add_lora froze the whole model
         registry["adapters"][name] = new
     else:
         model._peftkit_named_adapters = {"active": name, "adapters": {name: new}}
@@ -257,7 +260,7 @@ def set_adapter(model: nn.Module, name: str) -> nn.Module:
     registry = _registry(model)
     new = _adapter(registry, name)
     if name != registry["active"]:
-        _check_switchable(registry, "set_adapter")
+        _check_unmerged(registry, "set_adapter")
         _switch(model, registry["adapters"][registry["active"]], new)
         registry["active"] = name
     return model
@@ -269,7 +272,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     registry = _registry(model)
     _adapter(registry, name)
     if name == registry["active"]:
-        _check_switchable(registry, "delete_adapter")
+        _check_unmerged(registry, "delete_adapter")
         remaining = sorted(n for n in registry["adapters"] if n != name)
         _switch(model, registry["adapters"][name], registry["adapters"][remaining[0]] if remaining else None)
         if remaining:

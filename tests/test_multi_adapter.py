@@ -312,13 +312,22 @@ def test_deleting_the_active_adapter_activates_the_first_name_in_sorted_order_as
     assert list_adapters(model) == ["m", "b"] and active_adapter(model) == "b"
 
 
-def test_an_adapter_switched_in_after_model_to_runs_beside_the_moved_base():
+def test_an_adapter_switched_in_follows_model_to_and_train():
     model = two_adapters("llama")
     out_b = out(set_adapter(model, "b"))
-    set_adapter(model, "a").to(torch.float64)  # reaches the base and "a" only
+    set_adapter(model, "a").to(torch.float64).train()  # reaches the base and "a" only
     logits = out(set_adapter(model, "b"))
-    assert logits.dtype == torch.float64
+    assert logits.dtype == torch.float64 and all(m.training for m in model.modules())
     torch.testing.assert_close(logits.float(), out_b)
+    set_adapter(model, "a").to("meta")  # a device move, on any machine
+    assert {p.device.type for p in set_adapter(model, "b").parameters()} == {"meta"}
+
+
+def test_adding_an_adapter_keeps_the_flags_a_user_set():
+    model = add_named_adapter(build("llama"), "a", ["q_proj"])
+    model.model.norm.weight.requires_grad_(True)  # the user trains the final norm too
+    add_named_adapter(model, "b", ["k_proj"])  # add_lora freezes the model it gets: put back
+    assert model.model.norm.weight.requires_grad
 
 
 def test_a_plain_lora_model_has_its_adapter_named_default():
@@ -412,6 +421,8 @@ def test_a_merged_or_head_training_active_adapter_cannot_be_switched():
     head = add_lora(build("bert"), QV["bert"], modules_to_save=["classifier"])
     with pytest.raises(ValueError, match=r"adapter 'default' trains \['classifier'\]"):
         add_named_adapter(head, "b", ["key"])
+    delete_adapter(head, "default")  # the only adapter: nothing shares the head
+    assert not any(isinstance(m, LoRALinear) for m in head.modules())
 
 
 def test_merging_and_unloading_drops_every_adapter_as_peft_does():
