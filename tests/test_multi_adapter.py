@@ -14,7 +14,8 @@ import torch
 from peftkit import adapter_files
 from peftkit.adapters import add_adapters
 from peftkit.adapters import save_adapter as save_bottleneck
-from peftkit.lora import LoRALinear, add_lora, export_peft, load_adapter, merge_lora, save_adapter, unmerge_lora
+from peftkit.lora import (LoRALinear, adapter_state_dict, add_lora, export_peft, load_adapter, merge_lora, save_adapter,
+                          unmerge_lora)
 from peftkit.multi_adapter import (active_adapter, add_named_adapter, delete_adapter, disable_adapter,
                                    list_adapters, load_named_adapter, set_adapter)
 from peftkit.p_tuning import PTuningConfig, PTuningModel
@@ -244,6 +245,8 @@ def test_named_adapters_match_peft_after_each_switch_and_delete(family, tmp_path
         torch.testing.assert_close(out(model, family), out(theirs, family))
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         assert len(trainable) == sum(p.requires_grad for p in theirs.parameters())
+        peft_keys = peft.get_peft_model_state_dict(theirs, adapter_name=name)
+        assert {k.removeprefix("base_model.model.") for k in peft_keys} == set(adapter_state_dict(model))
         assert trainable and all(".lora_" in n for n in trainable)
     with pytest.warns(UserWarning, match="'b' is active now"):
         delete_adapter(model, "a")
