@@ -65,6 +65,19 @@ from nf4 import quantize_nf4
 w = torch.randn(8, 64)
 assert (quantize_nf4(w).dequantize() - w).abs().max() < 0.5
 """),
+    "multi_adapter": (["lora", "targets", "lora_layers", "adapters", "adapter_layouts"], """
+from lora import add_lora
+from multi_adapter import active_adapter, add_named_adapter, disable_adapter, set_adapter
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+x = torch.randn(3, 4)
+base = model(x)
+add_named_adapter(model, "a", ["0"], rank=2, alpha=4)
+add_named_adapter(model, "b", ["2"], rank=1, alpha=2)
+torch.nn.init.ones_(set_adapter(model, "b")[2].lora_B.weight)
+assert active_adapter(model) == "b" and not torch.equal(model(x), base)
+with disable_adapter(model):
+    assert torch.equal(model(x), base)
+"""),
     "qlora": (["lora", "targets", "nf4"], """
 from lora import add_lora
 from qlora import prepare_for_qlora
