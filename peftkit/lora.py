@@ -61,6 +61,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features, self.merged = in_features, out_features, False
         base.requires_grad_(False)  # last: a failed construction leaves the base as it was
 
+    weight = property(lambda self: self.base.weight)  # the base's, as in peft (T5's feed-forward reads wo.weight)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)  # (..., out)
         if self.merged:
@@ -275,7 +276,6 @@ def load_adapter(model: nn.Module, path) -> LoRAConfig:
     return config
 
 
-# --- exporting to peft ---
 def export_peft(model: nn.Module, path, base_model_name_or_path: str | None):
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in Hugging Face peft's format.
 

@@ -411,7 +411,12 @@ def quantize_model(model: nn.Module, skip=("lm_head", "classifier"), double_quan
         raise ValueError(f"the model already has LoRA layers (e.g. {lora[0]!r}): quantize first, then add_lora")
     targets = [n for n, m in modules.items() if isinstance(m, nn.Linear) and not set(n.split(".")) & set(skip)]
     if not targets:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear outside skip={tuple(skip)} to quantize")
+        conv1d = [n for n, m in modules.items() if type(m).__name__ == "Conv1D"]  # GPT-2 keeps W as (in, out)
+        family = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ValueError(f"{type(model).__name__} ({family}) has no nn.Linear outside skip={tuple(skip)} to quantize"
+                         + (f"; its projections are Conv1D ({conv1d[0]!r}, ...), which peftkit's NF4 does not quantize: "
+                            "families with nn.Linear projections (bert, roberta, albert, electra, t5, llama) work"
+                            if conv1d else ""))
     quantized = {}
     for name in targets:
         try:

@@ -147,7 +147,8 @@ def merge_into_float(model: nn.Module, float_model: nn.Module) -> nn.Module:
     """
     if not isinstance(float_model, nn.Module):
         raise TypeError(f"float_model must be the original float torch.nn.Module, got {type(float_model).__name__}")
-    layers = _qlora_layers(model)
+    layers = _qlora_layers(model)  # and LoRA on layers left in float (a skipped head, say): merged the same way
+    layers += [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear) and isinstance(m.base, nn.Linear)]
     targets = dict(float_model.named_modules())
     problems = [n for n, layer in layers if not isinstance(targets.get(n), nn.Linear)
                 or targets[n].weight.shape != (layer.out_features, layer.in_features)]

@@ -244,3 +244,27 @@ def test_qlora_adapter_saves_only_lora_and_loads_back(tmp_path):
     load_adapter(restored, path)
     with torch.no_grad():
         assert torch.equal(restored(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+
+def test_a_float_merge_includes_lora_on_layers_left_in_float():
+    model = add_lora(prepare_for_qlora(wide_llama(eval_mode=False), skip=("lm_head", "o_proj")), ["o_proj"],
+                     rank=4, alpha=8)  # LoRA over a float base only
+    layer = model.model.layers[0].self_attn.o_proj
+    torch.nn.init.normal_(layer.lora_B.weight)
+    float_model = wide_llama(eval_mode=False)
+    original = float_model.model.layers[0].self_attn.o_proj.weight.clone()
+    with pytest.raises(ValueError, match="no LoRA layer over an NF4Linear"):  # no QLoRA layer: nothing to merge
+        merge_into_float(model, float_model)
+    model = add_lora(prepare_for_qlora(wide_llama(eval_mode=False), skip=("lm_head", "o_proj")), ["q_proj", "o_proj"],
+                     rank=4, alpha=8)
+    layer = model.model.layers[0].self_attn.o_proj
+    torch.nn.init.normal_(layer.lora_B.weight)
+    merge_into_float(model, float_model)
+    torch.testing.assert_close(float_model.model.layers[0].self_attn.o_proj.weight - original, layer.delta_weight(),
+                               rtol=0, atol=1e-6)
+
+
+def test_quantizing_gpt2_names_its_conv1d_and_the_families_that_work():
+    from families import build
+    with pytest.raises(ValueError, match=r"\(gpt2\).*Conv1D.*llama"):
+        prepare_for_qlora(build("gpt2"))
