@@ -96,8 +96,8 @@ class PrefixTuningConfig:
 
 # --- injecting into a model ---
 
-# Families tested against peft: decoder-only, rotary positions, one cache object read by every layer.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Families tested against peft: decoders whose layers read one cache object, and T5 (its decoder's cache).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2", "t5")
 
 
 class PrefixTuningModel(nn.Module):
@@ -115,6 +115,7 @@ class PrefixTuningModel(nn.Module):
         cache_arg = _cache_argument(model)  # refuses the families this file does not support
         config = PrefixTuningConfig(num_virtual_tokens, projection, encoder_hidden_size,
                                     *_kv_sizes(model.config))  # checks the prefix length and sizes
+        self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         prefix_encoder = PrefixEncoder(**asdict(config)).to(next(model.parameters()).device)
         model.requires_grad_(False)  # everything is checked: only now is the model frozen
         self.base_model, self.prefix_encoder, self.adapter_config = model, prefix_encoder, config
@@ -126,10 +127,16 @@ class PrefixTuningModel(nn.Module):
             from transformers import DynamicCache
             self.cache_class = DynamicCache
         kv = self.prefix_encoder().to(next(self.base_model.parameters()).dtype)  # (L, 2, H, P, D), the model's dtype
-        cache = self.cache_class()
-        for layer, (keys, values) in enumerate(kv):
+        cache, L = self.cache_class(), len(kv)
+        for layer in range(L):
+            # T5, as peft 0.21.2 lays it out: the decoder's self-attention only, layer l reading table layer 2l mod L
+            # (peft doubles the table for self- and cross-attention, splits it in fours, then drops the cross half)
+            keys, values = kv[(2 * layer) % L if self.is_encoder_decoder else layer]
             # the same prefix for every sequence in the batch: (H, P, D) -> (B, H, P, D)
             cache.update(keys.expand(batch_size, -1, -1, -1), values.expand(batch_size, -1, -1, -1), layer)
+        if self.is_encoder_decoder:  # cross-attention reads the encoder's own keys and values, no prefix
+            from transformers import DynamicCache, EncoderDecoderCache
+            return EncoderDecoderCache(cache, DynamicCache())
         return cache
 
     def _prefix_inputs(self, batch_size, seq_len, attention_mask, device):
@@ -149,6 +156,8 @@ class PrefixTuningModel(nn.Module):
         if x is None:
             raise ValueError("pass input_ids (B, T) or inputs_embeds (B, T, hidden_size)")
         batch_size, seq_len = x.shape[:2]
+        if self.is_encoder_decoder:  # T5: the encoder and its mask as they are; the decoder's mask gets P ones
+            return self._seq2seq_forward(input_ids, attention_mask, inputs_embeds, position_ids, batch_size, kwargs)
         attention_mask, default_positions = self._prefix_inputs(batch_size, seq_len, attention_mask, x.device)
         if position_ids is None:
             position_ids = default_positions
@@ -161,6 +170,17 @@ class PrefixTuningModel(nn.Module):
         return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                position_ids=position_ids, use_cache=True, **kwargs)
 
+    def _seq2seq_forward(self, input_ids, attention_mask, inputs_embeds, position_ids, batch_size, kwargs):
+        if position_ids is not None:
+            raise ValueError("T5 numbers positions itself (relative attention bias): pass no position_ids")
+        if kwargs.get("decoder_attention_mask") is not None:
+            mask = kwargs["decoder_attention_mask"]
+            kwargs["decoder_attention_mask"] = torch.cat([mask.new_ones(batch_size, self.adapter_config.num_virtual_tokens),
+                                                          mask], dim=1)  # (B, P + T_decoder)
+        kwargs[self._cache_arg] = self.prefix_cache(batch_size)
+        return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                               use_cache=True, **kwargs)
+
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=20, eos_token_id=None, pad_token_id=None,
                  do_sample=False):
@@ -170,6 +190,9 @@ class PrefixTuningModel(nn.Module):
         ``eos_token_id`` it is filled with ``pad_token_id`` (default: the eos id).
         """
         self._check_usable({})
+        if self.is_encoder_decoder:
+            raise ValueError("PrefixTuningModel.generate decodes decoder-only models; for T5, decode step by step "
+                             "with forward(input_ids=..., decoder_input_ids=...)")
         if do_sample:
             raise ValueError("PrefixTuningModel.generate decodes greedily only (got do_sample=True): "
                              "pass do_sample=False")
@@ -232,10 +255,10 @@ def _cache_argument(model) -> str:
     """The name under which ``model.forward`` takes its key/value cache; refuses unsupported models."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"prefix-tuning supports decoder-only causal LMs of these families: {SUPPORTED_MODEL_TYPES} "
-                         f"(e.g. SmolLM2, a LlamaForCausalLM); got {type(model).__name__} with model_type "
-                         f"{model_type!r}. Encoders such as BERT are not supported (their absolute positions would "
-                         "need explicit position ids): use prompt tuning or P-tuning for them.")
+        raise ValueError(f"prefix-tuning supports these families (model_type): {SUPPORTED_MODEL_TYPES}; got "
+                         f"{type(model).__name__} with model_type {model_type!r}. It hands the prefix over as a "
+                         "key/value cache, and BERT-like encoders (bert, roberta, albert, electra) and xlnet take "
+                         "none in transformers 5 (peft refuses them too): use prompt tuning or P-tuning for them.")
     signature = inspect.signature(model.forward).parameters
     # transformers 5.x renamed `past_key_values` to `cache`; accept whichever this model takes
     name = next((a for a in ("cache", "past_key_values") if a in signature), None)
@@ -248,6 +271,10 @@ def _kv_sizes(config) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) of a decoder's config: the prefix's sizes."""
     num_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    if config.model_type == "t5" and (config.d_kv != head_dim or config.num_decoder_layers != config.num_layers):
+        raise ValueError(f"peft lays out a T5 prefix with head size d_model / num_heads = {head_dim} for num_layers "
+                         f"= {config.num_layers} decoder layers; this T5 has d_kv={config.d_kv} and num_decoder_layers="
+                         f"{config.num_decoder_layers}: use a T5 where they agree")
     return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or num_heads, head_dim
 
 

@@ -79,41 +79,44 @@ class PromptTuningModel(nn.Module):
         else:
             init = None  # the given encoder starts its prompt its own way
         config, trained_modules = _wrapper_config(model, prompt_encoder, init, modules_to_save)  # all the checks
+        # T5: the prompt goes in front of the encoder's input (as in peft); its labels are the decoder's.
+        self.is_encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
         # HF's own test for a generating model (a causal LM); a classifier has no generate().
-        self.is_causal_lm = bool(getattr(model, "can_generate", lambda: False)())
+        self.is_causal_lm = bool(getattr(model, "can_generate", lambda: False)()) and not self.is_encoder_decoder
         model.requires_grad_(False)  # everything is checked: only now is the model changed
         for module in trained_modules:
             module.requires_grad_(True)
         self.adapter_config, self.base_model, self.prompt_encoder = config, model, prompt_encoder
 
-    def prompt_inputs(self, input_ids, attention_mask=None):
-        """The model inputs with the prompt in front: (inputs_embeds (B, N+T, D), attention_mask (B, N+T))."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
-        batch, seq_len = input_ids.shape
+    def prompt_inputs(self, input_ids=None, attention_mask=None, inputs_embeds=None):
+        """The model inputs with the prompt in front: (inputs_embeds (B, N+T, D), attention_mask (B, N+T)).
+        Takes the token ids, or their embeddings (B, T, D) as peft does (one of the two)."""
+        embeds = _embeddings(self.base_model, input_ids, inputs_embeds)  # (B, T, D)
+        batch, seq_len = embeds.shape[:2]
         _check_length(self.base_model, self.num_virtual_tokens, seq_len)
-        embeds = self.base_model.get_input_embeddings()(input_ids)  # (B, T, D)
         prompt = self.prompt_encoder().to(embeds.dtype)  # (N, D)
         prompt = prompt.unsqueeze(0).expand(batch, -1, -1)  # (B, N, D)
         inputs_embeds = torch.cat([prompt, embeds], dim=1)  # (B, N+T, D)
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = torch.ones(batch, seq_len, dtype=torch.long, device=embeds.device)
         ones = attention_mask.new_ones(batch, self.num_virtual_tokens)
         return inputs_embeds, torch.cat([ones, attention_mask], dim=1)  # (B, N+T)
 
-    def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, **kwargs):
-        """Run the model on [prompt; input]; returns the model's own output (logits, loss)."""
-        if "position_ids" in kwargs or "inputs_embeds" in kwargs:
-            raise ValueError("pass input_ids only: the wrapper builds inputs_embeds itself, and the model "
-                             "numbers the positions of prompt and input together")
-        inputs_embeds, attention_mask = self.prompt_inputs(input_ids, attention_mask)
-        batch = input_ids.shape[0]
+    def forward(self, input_ids=None, attention_mask=None, labels=None, token_type_ids=None, inputs_embeds=None,
+                **kwargs):
+        """Run the model on [prompt; input]; returns the model's own output (logits, loss).
+        ``input_ids`` (B, T) or ``inputs_embeds`` (B, T, D); for T5, the decoder's arguments as usual."""
+        if "position_ids" in kwargs:
+            raise ValueError("pass no position_ids: the model numbers the positions of prompt and input together")
+        inputs_embeds, attention_mask = self.prompt_inputs(input_ids, attention_mask, inputs_embeds)
+        batch, seq_len = inputs_embeds.shape[0], inputs_embeds.shape[1] - self.num_virtual_tokens
         # One integer label per token (language model, token tagging): the output has N more
-        # positions, so the prompt gets -100 (no loss). One label per sequence passes as it is.
-        per_token = labels is not None and labels.shape == input_ids.shape and not labels.is_floating_point()
+        # positions, so the prompt gets -100 (no loss). One label per sequence, or T5's decoder labels, pass as they are.
+        per_token = (labels is not None and tuple(labels.shape) == (batch, seq_len) and not labels.is_floating_point()
+                     and not self.is_encoder_decoder)
         if labels is not None and self.is_causal_lm and not per_token:
-            raise ValueError(f"a language model's labels must be token ids shaped like input_ids "
-                             f"{tuple(input_ids.shape)}, got {labels.dtype} {tuple(labels.shape)}")
+            raise ValueError(f"a language model's labels must be token ids shaped like the input "
+                             f"{(batch, seq_len)}, got {labels.dtype} {tuple(labels.shape)}")
         if per_token:
             ignore = labels.new_full((batch, self.num_virtual_tokens), -100)
             labels = torch.cat([ignore, labels], dim=1)  # (B, N+T)
@@ -123,16 +126,19 @@ class PromptTuningModel(nn.Module):
         return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, **kwargs):
-        """Generate after [prompt; input]; returns input_ids followed by the new tokens, like HF.
+    def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
+        """Generate after [prompt; input]; returns input_ids followed by the new tokens, like HF (given
+        inputs_embeds, the new tokens only; T5: the decoder's tokens, as HF returns them).
         Batches of different lengths must be padded on the left, so every row ends at its last token."""
-        if not self.is_causal_lm:
-            raise ValueError(f"generate needs a causal language model, not {type(self.base_model).__name__}")
+        if not (self.is_causal_lm or self.is_encoder_decoder):
+            raise ValueError(f"generate needs a causal or seq2seq language model, not {type(self.base_model).__name__}")
         if kwargs.get("return_dict_in_generate"):
             raise ValueError("PromptTuningModel.generate returns token ids only: pass return_dict_in_generate=False")
-        inputs_embeds, attention_mask = self.prompt_inputs(input_ids, attention_mask)
+        embeds, attention_mask = self.prompt_inputs(input_ids, attention_mask, inputs_embeds)
         # Given only inputs_embeds, HF returns only the new tokens: (B * k, new) for k sequences per input.
-        new_tokens = self.base_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        new_tokens = self.base_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        if input_ids is None or self.is_encoder_decoder:
+            return new_tokens
         per_input = new_tokens.shape[0] // input_ids.shape[0]  # num_return_sequences, HF repeats each row k times
         return torch.cat([input_ids.repeat_interleave(per_input, dim=0), new_tokens], dim=1)
 
@@ -202,8 +208,20 @@ def _init_token_ids(init, n, token_dim, word_embeddings, init_text, tokenizer) -
     return torch.tensor(ids, dtype=torch.long)
 
 
+def _embeddings(model, input_ids, inputs_embeds):
+    """The input's embeddings (B, T, D): looked up from input_ids, or given as inputs_embeds (exactly one)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass either input_ids (batch, seq_len) or inputs_embeds (batch, seq_len, dim), not both")
+    if input_ids is not None and input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+    if inputs_embeds is not None and inputs_embeds.dim() != 3:
+        raise ValueError(f"inputs_embeds must be (batch, seq_len, dim), got shape {tuple(inputs_embeds.shape)}")
+    return model.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
+
+
 def _max_positions(model):
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None  # XLNet says -1: relative positions, no limit
 
 
 def _wrapper_config(model, prompt_encoder, init, modules_to_save):
