@@ -271,8 +271,10 @@ def _kv_sizes(config) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) of a decoder's config: the prefix's sizes."""
     num_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    if config.model_type == "t5" and (config.d_kv != head_dim or config.num_decoder_layers != config.num_layers):
-        raise ValueError(f"peft lays out a T5 prefix with head size d_model / num_heads = {head_dim} for num_layers "
+    if config.model_type == "t5" and (config.d_kv * num_heads != config.hidden_size
+                                      or config.num_decoder_layers != config.num_layers):
+        raise ValueError(f"peft lays out a T5 prefix with head size d_model / num_heads = "
+                         f"{config.hidden_size // num_heads} for num_layers "
                          f"= {config.num_layers} decoder layers; this T5 has d_kv={config.d_kv} and num_decoder_layers="
                          f"{config.num_decoder_layers}: use a T5 where they agree")
     return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or num_heads, head_dim
