@@ -19,7 +19,7 @@ the input's words (e.g. "[P0..Pi] x [Pi+1..Pj] [MASK]"), and keeps some real "an
 in the template (e.g. a "?"). Here, as in peft's ``PromptEncoder``, all N vectors sit in front
 of the input and there are no anchors. Architecture and parameter names follow peft's
 ``PromptEncoder`` (``embedding``, ``lstm_head``, ``mlp_head``), so weights copy across.
-This file needs ``prompt_tuning.py`` beside it.
+This file needs ``prompt_tuning.py`` and ``prompt_common.py`` beside it.
 
     model = PTuningModel(classifier, PTuningConfig(num_virtual_tokens=20, kind="lstm"))
     ...train (the encoder and the classifier head)...
@@ -36,10 +36,12 @@ from torch import nn
 
 try:
     from .prompt_tuning import (PromptTuningModel, SoftPrompt, _adapter_files, _check_config, _check_wrapper,
-                                _module_names, _positive_int, adapter_state_dict, save_adapter)
+                                _module_names, _positive_int, adapter_state_dict, export_peft,  # noqa: F401
+                                save_adapter)
 except ImportError:  # copied into a project as a plain file, beside prompt_tuning.py
     from prompt_tuning import (PromptTuningModel, SoftPrompt, _adapter_files, _check_config, _check_wrapper,
-                               _module_names, _positive_int, adapter_state_dict, save_adapter)
+                               _module_names, _positive_int, adapter_state_dict, export_peft,  # noqa: F401
+                               save_adapter)
 
 
 class PromptEncoder(nn.Module):

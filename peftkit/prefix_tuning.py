@@ -17,13 +17,14 @@ so it is produced by an MLP from a small embedding:
 After training, the MLP is run once and only its output, the key/value table, is kept.
 
 Trained: the prefix encoder (the embedding, and the MLP when ``projection=True``).
-Frozen: every weight of the language model.
+Frozen: every weight of the language model. T5: the decoder's self-attention gets the prefix, as in
+peft (see ``prompt_common.py``, which this file needs beside it; encoders and XLNet take no cache).
 
-Usage:
     model = PrefixTuningModel(causal_lm, num_virtual_tokens=10)  # freezes causal_lm
     model(input_ids=ids, labels=ids).loss.backward()  # gradients reach model.prefix_encoder only
     save_adapter(model, "prefix.safetensors")  # the prefix encoder's tensors and model.adapter_config
     load_adapter(PrefixTuningModel(causal_lm, num_virtual_tokens=10), "prefix.safetensors")
+    export_peft(model, "prefix-peft", "HuggingFaceTB/SmolLM2-135M")  # peft.PeftModel.from_pretrained loads it
 """
 
 import inspect
@@ -32,6 +33,13 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+
+try:  # shared by the prompt methods: checks, T5's prefix laid out as peft does, export_peft (peft's format)
+    from .prompt_common import _adapter_files, _check_t5_sizes, _positive_int, _t5_prefix_cache, _t5_prefix_forward
+    from .prompt_common import export_peft  # noqa: F401
+except ImportError:  # copied into a project as a plain file, beside prompt_common.py
+    from prompt_common import _adapter_files, _check_t5_sizes, _positive_int, _t5_prefix_cache, _t5_prefix_forward
+    from prompt_common import export_peft  # noqa: F401
 
 
 class PrefixEncoder(nn.Module):
@@ -96,12 +104,11 @@ class PrefixTuningConfig:
 
 # --- injecting into a model ---
 
-# Families tested against peft: decoders whose layers read one cache object, and T5 (its decoder's cache).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2", "t5")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2", "t5")  # their layers read one cache; checked vs peft
 
 
 class PrefixTuningModel(nn.Module):
-    """A frozen causal LM whose attention layers all see a learned prefix.
+    """A frozen causal LM (or T5's decoder) whose attention layers all see a learned prefix.
 
     ``forward`` takes the model's usual arguments (``input_ids``, ``attention_mask``, ``labels``,
     ...) and returns its output; ``generate`` decodes greedily. ``position_ids`` given by the
@@ -127,16 +134,12 @@ class PrefixTuningModel(nn.Module):
             from transformers import DynamicCache
             self.cache_class = DynamicCache
         kv = self.prefix_encoder().to(next(self.base_model.parameters()).dtype)  # (L, 2, H, P, D), the model's dtype
-        cache, L = self.cache_class(), len(kv)
-        for layer in range(L):
-            # T5, as peft 0.21.2 lays it out: the decoder's self-attention only, layer l reading table layer 2l mod L
-            # (peft doubles the table for self- and cross-attention, splits it in fours, then drops the cross half)
-            keys, values = kv[(2 * layer) % L if self.is_encoder_decoder else layer]
+        if self.is_encoder_decoder:  # T5: the decoder's self-attention only, laid out as peft does
+            return _t5_prefix_cache(kv, batch_size, self.cache_class)
+        cache = self.cache_class()
+        for layer, (keys, values) in enumerate(kv):
             # the same prefix for every sequence in the batch: (H, P, D) -> (B, H, P, D)
             cache.update(keys.expand(batch_size, -1, -1, -1), values.expand(batch_size, -1, -1, -1), layer)
-        if self.is_encoder_decoder:  # cross-attention reads the encoder's own keys and values, no prefix
-            from transformers import DynamicCache, EncoderDecoderCache
-            return EncoderDecoderCache(cache, DynamicCache())
         return cache
 
     def _prefix_inputs(self, batch_size, seq_len, attention_mask, device):
@@ -144,8 +147,7 @@ class PrefixTuningModel(nn.Module):
         P = self.adapter_config.num_virtual_tokens
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long, device=device)
-        # positions count real tokens only, so left padding does not shift them; they start at P
-        # because the model reads the prefix as P tokens already in its cache
+        # positions count real tokens only (left padding shifts nothing), from P: the prefix is P cached tokens
         position_ids = P + attention_mask.long().cumsum(-1) - 1  # (B, T)
         prefix_mask = torch.ones(batch_size, P, dtype=attention_mask.dtype, device=device)
         return torch.cat([prefix_mask, attention_mask], dim=1), position_ids  # (B, P + T), (B, T)
@@ -157,7 +159,8 @@ class PrefixTuningModel(nn.Module):
             raise ValueError("pass input_ids (B, T) or inputs_embeds (B, T, hidden_size)")
         batch_size, seq_len = x.shape[:2]
         if self.is_encoder_decoder:  # T5: the encoder and its mask as they are; the decoder's mask gets P ones
-            return self._seq2seq_forward(input_ids, attention_mask, inputs_embeds, position_ids, batch_size, kwargs)
+            return _t5_prefix_forward(self, batch_size, attention_mask, position_ids,
+                                      dict(kwargs, input_ids=input_ids, inputs_embeds=inputs_embeds))
         attention_mask, default_positions = self._prefix_inputs(batch_size, seq_len, attention_mask, x.device)
         if position_ids is None:
             position_ids = default_positions
@@ -170,17 +173,6 @@ class PrefixTuningModel(nn.Module):
         return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                position_ids=position_ids, use_cache=True, **kwargs)
 
-    def _seq2seq_forward(self, input_ids, attention_mask, inputs_embeds, position_ids, batch_size, kwargs):
-        if position_ids is not None:
-            raise ValueError("T5 numbers positions itself (relative attention bias): pass no position_ids")
-        if kwargs.get("decoder_attention_mask") is not None:
-            mask = kwargs["decoder_attention_mask"]
-            kwargs["decoder_attention_mask"] = torch.cat([mask.new_ones(batch_size, self.adapter_config.num_virtual_tokens),
-                                                          mask], dim=1)  # (B, P + T_decoder)
-        kwargs[self._cache_arg] = self.prefix_cache(batch_size)
-        return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                               use_cache=True, **kwargs)
-
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=20, eos_token_id=None, pad_token_id=None,
                  do_sample=False):
@@ -191,8 +183,7 @@ class PrefixTuningModel(nn.Module):
         """
         self._check_usable({})
         if self.is_encoder_decoder:
-            raise ValueError("PrefixTuningModel.generate decodes decoder-only models; for T5, decode step by step "
-                             "with forward(input_ids=..., decoder_input_ids=...)")
+            raise ValueError("generate decodes decoder-only models: for T5, decode step by step with forward()")
         if do_sample:
             raise ValueError("PrefixTuningModel.generate decodes greedily only (got do_sample=True): "
                              "pass do_sample=False")
@@ -271,31 +262,11 @@ def _kv_sizes(config) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) of a decoder's config: the prefix's sizes."""
     num_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    if config.model_type == "t5" and (config.d_kv * num_heads != config.hidden_size
-                                      or config.num_decoder_layers != config.num_layers):
-        raise ValueError(f"peft lays out a T5 prefix with head size d_model / num_heads = "
-                         f"{config.hidden_size // num_heads} for num_layers "
-                         f"= {config.num_layers} decoder layers; this T5 has d_kv={config.d_kv} and num_decoder_layers="
-                         f"{config.num_decoder_layers}: use a T5 where they agree")
+    _check_t5_sizes(config, num_heads)  # T5's sizes must fit peft's layout
     return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or num_heads, head_dim
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 # --- saving ---
-
-def _adapter_files():
-    """adapter_files.py (and safetensors) do the saving; the technique itself needs only torch."""
-    try:
-        from . import adapter_files
-    except ImportError:  # this file was copied into a project, beside adapter_files.py
-        import adapter_files
-    return adapter_files
-
 
 def adapter_state_dict(model: PrefixTuningModel) -> dict[str, torch.Tensor]:
     """The tensors prefix-tuning trains, by their names in the wrapper: the prefix encoder's."""

@@ -23,6 +23,8 @@ vocabulary (theirs: the 5,000 most common); "text" copies a phrase's rows, repea
     ...train (the prompt and the classifier head)...
     save_adapter(model, "prompt.safetensors")      # N x D numbers and the head
     load_adapter(PromptTuningModel(fresh_classifier, num_virtual_tokens=20), "prompt.safetensors")
+    export_peft(model, "prompt-peft", "bert-base-uncased")  # peft.PeftModel.from_pretrained loads it
+T5 reads the prompt in front of its encoder's input, as in peft. Needs ``prompt_common.py`` beside it.
 """
 
 import math
@@ -31,6 +33,11 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+
+try:  # export_peft: peft's format, shared by the three prompt methods
+    from .prompt_common import _adapter_files, _embeddings, _positive_int, export_peft  # noqa: F401
+except ImportError:  # copied into a project as a plain file, beside prompt_common.py
+    from prompt_common import _adapter_files, _embeddings, _positive_int, export_peft  # noqa: F401
 
 
 class SoftPrompt(nn.Module):
@@ -175,11 +182,6 @@ def _check_prompt(num_virtual_tokens, token_dim, init, none_allowed=False):
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
 
 
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 def _module_names(names):
     """modules_to_save as a list (None, the default, stays None)."""
     if isinstance(names, str):
@@ -206,17 +208,6 @@ def _init_token_ids(init, n, token_dim, word_embeddings, init_text, tokenizer) -
         raise ValueError(f"init_text {init_text!r} tokenizes to no tokens")
     ids = (ids * math.ceil(n / len(ids)))[:n]  # repeat a short phrase, cut a long one
     return torch.tensor(ids, dtype=torch.long)
-
-
-def _embeddings(model, input_ids, inputs_embeds):
-    """The input's embeddings (B, T, D): looked up from input_ids, or given as inputs_embeds (exactly one)."""
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("pass either input_ids (batch, seq_len) or inputs_embeds (batch, seq_len, dim), not both")
-    if input_ids is not None and input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
-    if inputs_embeds is not None and inputs_embeds.dim() != 3:
-        raise ValueError(f"inputs_embeds must be (batch, seq_len, dim), got shape {tuple(inputs_embeds.shape)}")
-    return model.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
 
 
 def _max_positions(model):
@@ -265,15 +256,6 @@ def _modules_to_save(model, names):
 
 
 # --- saving ---
-
-def _adapter_files():
-    """adapter_files.py (and safetensors) do the saving; the technique itself needs only torch."""
-    try:
-        from . import adapter_files
-    except ImportError:  # this file was copied into a project, beside adapter_files.py
-        import adapter_files
-    return adapter_files
-
 
 def _check_wrapper(model, config_class=None):
     """``model`` is a PromptTuningModel (or PTuningModel) carrying ``config_class``'s technique."""

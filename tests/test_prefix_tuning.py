@@ -7,6 +7,7 @@ through peft's ``forward``, which does use the prefix.
 
 import copy
 import importlib.util
+import shutil
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -402,9 +403,11 @@ def test_saving_and_loading_take_the_wrapper_not_the_language_model(call, tmp_pa
         call(tiny_lm(), tmp_path)
 
 
-def test_the_file_works_alone_with_torch_only(tmp_path):
-    path = Path(__file__).parents[1] / "peftkit" / "prefix_tuning.py"
-    spec = importlib.util.spec_from_file_location("prefix_tuning_alone", path)
+def test_the_file_works_alone_with_torch_only(tmp_path, monkeypatch):
+    for name in ("prefix_tuning.py", "prompt_common.py"):  # the file and the sibling its docstring names
+        shutil.copy(Path(__file__).parents[1] / "peftkit" / name, tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = importlib.util.spec_from_file_location("prefix_tuning_alone", tmp_path / "prefix_tuning.py")
     alone = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(alone)  # outside the package: saving looks for adapter_files.py beside it
     wrapped = alone.PrefixTuningModel(tiny_lm(), num_virtual_tokens=P, projection=False)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from families import build, inputs
-from peftkit import prompt_export
+from peftkit import adapter_files, p_tuning, prefix_tuning, prompt_tuning
 from peftkit.p_tuning import PTuningConfig, PTuningModel
 from peftkit.prefix_tuning import PrefixTuningModel
-from peftkit.prompt_export import export_peft
+from peftkit.prompt_common import export_peft
 from peftkit.prompt_tuning import PromptTuningModel
 
 N = 3
@@ -56,6 +56,10 @@ def test_peft_loads_the_export_with_the_same_outputs(family, wrapper, tmp_path):
     assert not torch.allclose(last(outputs(ours.base_model, family)), last(outputs(ours, family)), atol=1e-3)
 
 
+def test_each_technique_file_offers_the_same_export():
+    assert prompt_tuning.export_peft is p_tuning.export_peft is prefix_tuning.export_peft is export_peft
+
+
 def test_the_folder_holds_peft_s_config_and_keys(tmp_path):
     ours = trained("bert", "p-lstm")
     export_peft(ours, tmp_path, "bert-tiny")
@@ -83,7 +87,7 @@ def test_a_failed_export_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
     (tmp_path / "adapter_config.json").write_text("earlier")
     def broken(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr(prompt_export.adapter_files, "save_tensors", broken)
+    monkeypatch.setattr(adapter_files, "save_tensors", broken)
     with pytest.raises(OSError, match="disk full"):
         export_peft(trained("llama", "prompt"), tmp_path, None)
     assert [p.name for p in tmp_path.iterdir()] == ["adapter_config.json"]
