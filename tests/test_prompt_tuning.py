@@ -448,13 +448,19 @@ def test_generate_from_embeddings_returns_the_new_tokens_of_the_ids():
     assert torch.equal(from_embeds, from_ids[:, ids.shape[1]:])
 
 
-def test_t5_generate_returns_the_decoder_tokens_of_the_prompted_encoder():
-    ours = PromptTuningModel(build("t5"), num_virtual_tokens=N).eval()
-    with torch.no_grad():
-        ours.prompt_encoder.embedding.weight.mul_(100)  # a random tiny T5 says "97" to almost anything
-    ids = family_inputs("t5")["input_ids"]
-    got = ours.generate(ids, max_new_tokens=3, do_sample=False)
-    embeds, mask = ours.prompt_inputs(ids)
-    assert torch.equal(got, ours.base_model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=3,
-                                                     do_sample=False))
-    assert not torch.equal(got, ours.base_model.generate(ids, max_new_tokens=3, do_sample=False))
+def test_t5_generate_matches_peft_and_the_prompt_changes_the_answer():
+    model = build("t5")
+    peft_model = peft_prompt_model(model, TaskType.SEQ_2_SEQ_LM)
+    ours = PromptTuningModel(copy.deepcopy(model), num_virtual_tokens=N).eval()
+    prompt = torch.randn(N, 32, generator=torch.Generator().manual_seed(0)) * 30  # loud enough to change the answer
+    with torch.no_grad():  # peft keeps 2N rows for T5 and reads the first N
+        peft_model.prompt_encoder.default.embedding.weight[:N] = prompt
+        ours.prompt_encoder.embedding.weight.copy_(prompt)
+    x = family_inputs("t5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = peft_model.generate(input_ids=x["input_ids"], attention_mask=x["attention_mask"], max_new_tokens=4,
+                                       do_sample=False)
+    got = ours.generate(x["input_ids"], x["attention_mask"], max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, expected)  # the decoder's tokens, as HF and peft return them
+    assert not torch.equal(got, model.generate(x["input_ids"], max_new_tokens=4, do_sample=False))
