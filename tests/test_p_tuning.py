@@ -293,9 +293,8 @@ def test_an_encoder_of_another_width_is_refused():
 TASKS = {"t5": TaskType.SEQ_2_SEQ_LM, "gpt2": TaskType.CAUSAL_LM, "llama": TaskType.CAUSAL_LM}
 
 
-# Not T5 with the LSTM: peft runs it over 2N virtual tokens (encoder and decoder) and keeps the first N, ours
-# over N. tests/test_prompt_export.py checks that peft loads our exported T5 LSTM prompt with our outputs.
-@pytest.mark.parametrize("family, kind", [(f, k) for f in FAMILIES for k in ("lstm", "mlp") if (f, k) != ("t5", "lstm")])
+@pytest.mark.parametrize("kind", ["lstm", "mlp"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_matches_peft_with_ids_or_embeddings_and_trains_only_the_encoder(family, kind):
     model = build(family)
     dim = model.get_input_embeddings().embedding_dim  # ALBERT, ELECTRA: 16 < hidden_size, which peft assumes
@@ -305,9 +304,7 @@ def test_every_family_matches_peft_with_ids_or_embeddings_and_trains_only_the_en
             task_type=TASKS.get(family, TaskType.SEQ_CLS), num_virtual_tokens=N, token_dim=dim,
             encoder_reparameterization_type=kind.upper())).eval()
     ours = PTuningModel(copy.deepcopy(model), PTuningConfig(N, kind=kind)).eval()
-    state = peft_model.prompt_encoder.default.state_dict()
-    state["embedding.weight"] = state["embedding.weight"][:N]  # T5: peft keeps 2N rows and its MLP reads each alone
-    ours.prompt_encoder.load_state_dict(state)
+    ours.prompt_encoder.load_state_dict(peft_model.prompt_encoder.default.state_dict())  # T5: 2N rows in both
     x = family_inputs(family)
     x["labels"] = x.get("decoder_input_ids", x["input_ids"]) if family in TASKS else torch.tensor([0, 2])
     embedded = {k: v for k, v in x.items() if k != "input_ids"}
@@ -325,3 +322,10 @@ def test_every_family_matches_peft_with_ids_or_embeddings_and_trains_only_the_en
     assert {n for n in with_grad if not n.startswith("prompt_encoder.")} <= {
         "base_model.classifier.weight", "base_model.classifier.bias", "base_model.classifier.dense.weight",
         "base_model.classifier.dense.bias", "base_model.classifier.out_proj.weight", "base_model.classifier.out_proj.bias"}
+
+
+def test_t5_s_lstm_reads_2n_virtual_tokens_and_gives_n_as_peft():
+    ours = PTuningModel(build("t5"), PTuningConfig(N, kind="lstm"))
+    assert ours.prompt_encoder.embedding.weight.shape == (2 * N, 32) and ours.prompt_encoder().shape == (N, 32)
+    with pytest.raises(ValueError, match="num_transformer_submodules must be 1 or 2"):
+        PromptEncoder(N, 32, 16, "lstm", num_transformer_submodules=3)

@@ -102,3 +102,10 @@ def test_bad_arguments_are_refused(model, base, error, match, tmp_path):
     with pytest.raises(error, match=match):
         export_peft(model(), tmp_path / "out", base)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_where_the_folder_should_be_is_refused_and_kept(tmp_path):
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        export_peft(trained("llama", "prefix"), tmp_path / "out", None)
+    assert (tmp_path / "out").read_text() == "not a folder"
