@@ -104,6 +104,20 @@ def test_same_table_gives_peft_logits_and_loss(family):
     assert not torch.allclose(got.logits, base(input_ids=x).logits, atol=1e-3)  # the prefix does change the output
 
 
+def test_inputs_embeds_give_peft_s_logits_and_those_of_the_ids():
+    base = tiny_lm()
+    reference = peft_prefix(base)
+    ours = table_copy_of(reference, base)
+    x, mask = ids(), torch.ones(2, 6, dtype=torch.long)
+    embeds = base.get_input_embeddings()(x)  # (B, T, D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = reference(inputs_embeds=embeds, attention_mask=mask).logits
+    got = ours(inputs_embeds=embeds, attention_mask=mask).logits
+    assert_close(got, expected, rtol=0, atol=0)
+    assert_close(got, ours(input_ids=x, attention_mask=mask).logits, rtol=0, atol=0)
+
+
 def test_without_an_attention_mask_the_logits_are_peft_s():
     base = tiny_lm()
     reference = peft_prefix(base)
