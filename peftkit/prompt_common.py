@@ -51,7 +51,7 @@ def _adapter_files():
 def _embeddings(model, input_ids, inputs_embeds):
     """The input's embeddings (B, T, D): looked up from input_ids, or given as inputs_embeds (exactly one)."""
     if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("pass either input_ids (batch, seq_len) or inputs_embeds (batch, seq_len, dim), not both")
+        raise ValueError("pass exactly one of input_ids (batch, seq_len) or inputs_embeds (batch, seq_len, dim)")
     if input_ids is not None and input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
     if inputs_embeds is not None and inputs_embeds.dim() != 3:

@@ -387,12 +387,21 @@ def test_generate_needs_a_causal_language_model():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(labels=torch.tensor([1, 2])), r"labels must be token ids shaped like the input \(2, 7\)"),
     (dict(position_ids=torch.arange(7)[None]), "pass no position_ids"),
-    (dict(inputs_embeds=torch.zeros(2, 7, 32)), "either input_ids .* or inputs_embeds"),
+    (dict(inputs_embeds=torch.zeros(2, 7, 32)), "exactly one of input_ids .* or inputs_embeds"),
 ])
 def test_language_model_forward_refuses_what_it_cannot_use(kwargs, match):
     lm = PromptTuningModel(short_llama(), num_virtual_tokens=N)
     with pytest.raises(ValueError, match=match):
         lm(*batch(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(attention_mask=torch.ones(2, 7)), r"exactly one of input_ids \(batch, seq_len\)"),
+    (dict(inputs_embeds=torch.zeros(2, 7)), r"inputs_embeds must be \(batch, seq_len, dim\), got shape \(2, 7\)"),
+])
+def test_forward_needs_ids_or_embeddings_of_the_right_shape(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PromptTuningModel(short_llama(), num_virtual_tokens=N)(**kwargs)
 
 
 # --- every family of tests/families.py, against peft ---------------------------------------
