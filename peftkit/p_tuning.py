@@ -19,7 +19,7 @@ the input's words (e.g. "[P0..Pi] x [Pi+1..Pj] [MASK]"), and keeps some real "an
 in the template (e.g. a "?"). Here, as in peft's ``PromptEncoder``, all N vectors sit in front
 of the input and there are no anchors. Architecture and parameter names follow peft's
 ``PromptEncoder`` (``embedding``, ``lstm_head``, ``mlp_head``), so weights copy across.
-This file needs ``prompt_tuning.py`` beside it.
+This file needs ``prompt_tuning.py`` and ``prompt_common.py`` beside it.
 
     model = PTuningModel(classifier, PTuningConfig(num_virtual_tokens=20, kind="lstm"))
     ...train (the encoder and the classifier head)...
@@ -36,21 +36,30 @@ from torch import nn
 
 try:
     from .prompt_tuning import (PromptTuningModel, SoftPrompt, _adapter_files, _check_config, _check_wrapper,
-                                _module_names, _positive_int, adapter_state_dict, save_adapter)
+                                _module_names, _positive_int, adapter_state_dict, export_peft,  # noqa: F401
+                                save_adapter)
 except ImportError:  # copied into a project as a plain file, beside prompt_tuning.py
     from prompt_tuning import (PromptTuningModel, SoftPrompt, _adapter_files, _check_config, _check_wrapper,
-                               _module_names, _positive_int, adapter_state_dict, save_adapter)
+                               _module_names, _positive_int, adapter_state_dict, export_peft,  # noqa: F401
+                               save_adapter)
 
 
 class PromptEncoder(nn.Module):
-    """Virtual-token embeddings reparameterised by a bidirectional LSTM + MLP, or by an MLP."""
+    """Virtual-token embeddings reparameterised by a bidirectional LSTM + MLP, or by an MLP.
 
-    def __init__(self, num_virtual_tokens, token_dim, encoder_hidden_size, kind="mlp", num_layers=2, dropout=0.0):
+    ``num_transformer_submodules=2`` (peft's name; T5): E has 2N rows, one set per transformer stack, as in
+    peft. Only the first N outputs become the encoder's prompt, but the LSTM reads all 2N.
+    """
+
+    def __init__(self, num_virtual_tokens, token_dim, encoder_hidden_size, kind="mlp", num_layers=2, dropout=0.0,
+                 num_transformer_submodules=1):
         super().__init__()
         _check_encoder(num_virtual_tokens, token_dim, encoder_hidden_size, kind, num_layers, dropout)
+        if num_transformer_submodules not in (1, 2):
+            raise ValueError(f"num_transformer_submodules must be 1 or 2 (T5), got {num_transformer_submodules!r}")
         self.num_virtual_tokens, self.token_dim, self.kind = num_virtual_tokens, token_dim, kind
         hidden = encoder_hidden_size
-        self.embedding = nn.Embedding(num_virtual_tokens, token_dim)  # E
+        self.embedding = nn.Embedding(num_virtual_tokens * num_transformer_submodules, token_dim)  # E
         if kind == "lstm":
             self.lstm_head = nn.LSTM(token_dim, hidden, num_layers=num_layers, dropout=dropout,
                                      bidirectional=True, batch_first=True)
@@ -63,10 +72,10 @@ class PromptEncoder(nn.Module):
             self.mlp_head = nn.Sequential(*layers, nn.Linear(hidden, token_dim))
 
     def forward(self) -> torch.Tensor:
-        x = self.embedding.weight.unsqueeze(0)  # (1, N, D): the N tokens as one sequence
+        x = self.embedding.weight.unsqueeze(0)  # (1, N, D): the N tokens as one sequence (T5: 2N)
         if self.kind == "lstm":
             x = self.lstm_head(x)[0]  # (1, N, 2H): forward and backward states side by side
-        return self.mlp_head(x)[0]  # (N, D)
+        return self.mlp_head(x)[0][:self.num_virtual_tokens]  # (N, D)
 
 
 KINDS = ("lstm", "mlp")
@@ -126,8 +135,9 @@ class PTuningModel(PromptTuningModel):
         token_dim = model.get_input_embeddings().embedding_dim
         if config.encoder_hidden_size is None:
             config = replace(config, encoder_hidden_size=token_dim)
+        stacks = 2 if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else 1  # T5: as peft
         encoder = PromptEncoder(config.num_virtual_tokens, token_dim, config.encoder_hidden_size, config.kind,
-                                config.num_layers, config.dropout)
+                                config.num_layers, config.dropout, stacks)
         super().__init__(model, modules_to_save=config.modules_to_save, prompt_encoder=encoder)
         self.adapter_config = replace(config, modules_to_save=self.adapter_config.modules_to_save, exported=False)
         if config.exported:

@@ -17,13 +17,14 @@ so it is produced by an MLP from a small embedding:
 After training, the MLP is run once and only its output, the key/value table, is kept.
 
 Trained: the prefix encoder (the embedding, and the MLP when ``projection=True``).
-Frozen: every weight of the language model.
+Frozen: every weight of the language model. T5: the decoder's self-attention gets the prefix, as in
+peft (see ``prompt_common.py``, which this file needs beside it; encoders and XLNet take no cache).
 
-Usage:
     model = PrefixTuningModel(causal_lm, num_virtual_tokens=10)  # freezes causal_lm
     model(input_ids=ids, labels=ids).loss.backward()  # gradients reach model.prefix_encoder only
     save_adapter(model, "prefix.safetensors")  # the prefix encoder's tensors and model.adapter_config
     load_adapter(PrefixTuningModel(causal_lm, num_virtual_tokens=10), "prefix.safetensors")
+    export_peft(model, "prefix-peft", "HuggingFaceTB/SmolLM2-135M")  # peft.PeftModel.from_pretrained loads it
 """
 
 import inspect
@@ -32,6 +33,13 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+
+try:  # shared by the prompt methods: checks, T5's prefix laid out as peft does, export_peft (peft's format)
+    from .prompt_common import _adapter_files, _check_t5_sizes, _positive_int, _t5_prefix_cache, _t5_prefix_forward
+    from .prompt_common import export_peft  # noqa: F401
+except ImportError:  # copied into a project as a plain file, beside prompt_common.py
+    from prompt_common import _adapter_files, _check_t5_sizes, _positive_int, _t5_prefix_cache, _t5_prefix_forward
+    from prompt_common import export_peft  # noqa: F401
 
 
 class PrefixEncoder(nn.Module):
@@ -96,12 +104,11 @@ class PrefixTuningConfig:
 
 # --- injecting into a model ---
 
-# Families tested against peft: decoder-only, rotary positions, one cache object read by every layer.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2", "t5")  # their layers read one cache; checked vs peft
 
 
 class PrefixTuningModel(nn.Module):
-    """A frozen causal LM whose attention layers all see a learned prefix.
+    """A frozen causal LM (or T5's decoder) whose attention layers all see a learned prefix.
 
     ``forward`` takes the model's usual arguments (``input_ids``, ``attention_mask``, ``labels``,
     ...) and returns its output; ``generate`` decodes greedily. ``position_ids`` given by the
@@ -115,6 +122,7 @@ class PrefixTuningModel(nn.Module):
         cache_arg = _cache_argument(model)  # refuses the families this file does not support
         config = PrefixTuningConfig(num_virtual_tokens, projection, encoder_hidden_size,
                                     *_kv_sizes(model.config))  # checks the prefix length and sizes
+        self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         prefix_encoder = PrefixEncoder(**asdict(config)).to(next(model.parameters()).device)
         model.requires_grad_(False)  # everything is checked: only now is the model frozen
         self.base_model, self.prefix_encoder, self.adapter_config = model, prefix_encoder, config
@@ -126,6 +134,8 @@ class PrefixTuningModel(nn.Module):
             from transformers import DynamicCache
             self.cache_class = DynamicCache
         kv = self.prefix_encoder().to(next(self.base_model.parameters()).dtype)  # (L, 2, H, P, D), the model's dtype
+        if self.is_encoder_decoder:  # T5: the decoder's self-attention only, laid out as peft does
+            return _t5_prefix_cache(kv, batch_size, self.cache_class)
         cache = self.cache_class()
         for layer, (keys, values) in enumerate(kv):
             # the same prefix for every sequence in the batch: (H, P, D) -> (B, H, P, D)
@@ -137,8 +147,7 @@ class PrefixTuningModel(nn.Module):
         P = self.adapter_config.num_virtual_tokens
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long, device=device)
-        # positions count real tokens only, so left padding does not shift them; they start at P
-        # because the model reads the prefix as P tokens already in its cache
+        # positions count real tokens only (left padding shifts nothing), from P: the prefix is P cached tokens
         position_ids = P + attention_mask.long().cumsum(-1) - 1  # (B, T)
         prefix_mask = torch.ones(batch_size, P, dtype=attention_mask.dtype, device=device)
         return torch.cat([prefix_mask, attention_mask], dim=1), position_ids  # (B, P + T), (B, T)
@@ -149,6 +158,9 @@ class PrefixTuningModel(nn.Module):
         if x is None:
             raise ValueError("pass input_ids (B, T) or inputs_embeds (B, T, hidden_size)")
         batch_size, seq_len = x.shape[:2]
+        if self.is_encoder_decoder:  # T5: the encoder and its mask as they are; the decoder's mask gets P ones
+            return _t5_prefix_forward(self, batch_size, attention_mask, position_ids,
+                                      dict(kwargs, input_ids=input_ids, inputs_embeds=inputs_embeds))
         attention_mask, default_positions = self._prefix_inputs(batch_size, seq_len, attention_mask, x.device)
         if position_ids is None:
             position_ids = default_positions
@@ -170,6 +182,8 @@ class PrefixTuningModel(nn.Module):
         ``eos_token_id`` it is filled with ``pad_token_id`` (default: the eos id).
         """
         self._check_usable({})
+        if self.is_encoder_decoder:
+            raise ValueError("generate decodes decoder-only models: for T5, decode step by step with forward()")
         if do_sample:
             raise ValueError("PrefixTuningModel.generate decodes greedily only (got do_sample=True): "
                              "pass do_sample=False")
@@ -232,10 +246,10 @@ def _cache_argument(model) -> str:
     """The name under which ``model.forward`` takes its key/value cache; refuses unsupported models."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"prefix-tuning supports decoder-only causal LMs of these families: {SUPPORTED_MODEL_TYPES} "
-                         f"(e.g. SmolLM2, a LlamaForCausalLM); got {type(model).__name__} with model_type "
-                         f"{model_type!r}. Encoders such as BERT are not supported (their absolute positions would "
-                         "need explicit position ids): use prompt tuning or P-tuning for them.")
+        raise ValueError(f"prefix-tuning supports these families (model_type): {SUPPORTED_MODEL_TYPES}; got "
+                         f"{type(model).__name__} with model_type {model_type!r}. It hands the prefix over as a "
+                         "key/value cache, and BERT-like encoders (bert, roberta, albert, electra) and xlnet take "
+                         "none in transformers 5 (peft refuses them too): use prompt tuning or P-tuning for them.")
     signature = inspect.signature(model.forward).parameters
     # transformers 5.x renamed `past_key_values` to `cache`; accept whichever this model takes
     name = next((a for a in ("cache", "past_key_values") if a in signature), None)
@@ -248,25 +262,11 @@ def _kv_sizes(config) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) of a decoder's config: the prefix's sizes."""
     num_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    _check_t5_sizes(config, num_heads)  # T5's sizes must fit peft's layout
     return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or num_heads, head_dim
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 # --- saving ---
-
-def _adapter_files():
-    """adapter_files.py (and safetensors) do the saving; the technique itself needs only torch."""
-    try:
-        from . import adapter_files
-    except ImportError:  # this file was copied into a project, beside adapter_files.py
-        import adapter_files
-    return adapter_files
-
 
 def adapter_state_dict(model: PrefixTuningModel) -> dict[str, torch.Tensor]:
     """The tensors prefix-tuning trains, by their names in the wrapper: the prefix encoder's."""

@@ -23,6 +23,8 @@ vocabulary (theirs: the 5,000 most common); "text" copies a phrase's rows, repea
     ...train (the prompt and the classifier head)...
     save_adapter(model, "prompt.safetensors")      # N x D numbers and the head
     load_adapter(PromptTuningModel(fresh_classifier, num_virtual_tokens=20), "prompt.safetensors")
+    export_peft(model, "prompt-peft", "bert-base-uncased")  # peft.PeftModel.from_pretrained loads it
+T5 reads the prompt in front of its encoder's input, as in peft. Needs ``prompt_common.py`` beside it.
 """
 
 import math
@@ -31,6 +33,11 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+
+try:  # export_peft: peft's format, shared by the three prompt methods
+    from .prompt_common import _adapter_files, _embeddings, _positive_int, export_peft  # noqa: F401
+except ImportError:  # copied into a project as a plain file, beside prompt_common.py
+    from prompt_common import _adapter_files, _embeddings, _positive_int, export_peft  # noqa: F401
 
 
 class SoftPrompt(nn.Module):
@@ -79,41 +86,44 @@ class PromptTuningModel(nn.Module):
         else:
             init = None  # the given encoder starts its prompt its own way
         config, trained_modules = _wrapper_config(model, prompt_encoder, init, modules_to_save)  # all the checks
+        # T5: the prompt goes in front of the encoder's input (as in peft); its labels are the decoder's.
+        self.is_encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
         # HF's own test for a generating model (a causal LM); a classifier has no generate().
-        self.is_causal_lm = bool(getattr(model, "can_generate", lambda: False)())
+        self.is_causal_lm = bool(getattr(model, "can_generate", lambda: False)()) and not self.is_encoder_decoder
         model.requires_grad_(False)  # everything is checked: only now is the model changed
         for module in trained_modules:
             module.requires_grad_(True)
         self.adapter_config, self.base_model, self.prompt_encoder = config, model, prompt_encoder
 
-    def prompt_inputs(self, input_ids, attention_mask=None):
-        """The model inputs with the prompt in front: (inputs_embeds (B, N+T, D), attention_mask (B, N+T))."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
-        batch, seq_len = input_ids.shape
+    def prompt_inputs(self, input_ids=None, attention_mask=None, inputs_embeds=None):
+        """The model inputs with the prompt in front: (inputs_embeds (B, N+T, D), attention_mask (B, N+T)).
+        Takes the token ids, or their embeddings (B, T, D) as peft does (one of the two)."""
+        embeds = _embeddings(self.base_model, input_ids, inputs_embeds)  # (B, T, D)
+        batch, seq_len = embeds.shape[:2]
         _check_length(self.base_model, self.num_virtual_tokens, seq_len)
-        embeds = self.base_model.get_input_embeddings()(input_ids)  # (B, T, D)
         prompt = self.prompt_encoder().to(embeds.dtype)  # (N, D)
         prompt = prompt.unsqueeze(0).expand(batch, -1, -1)  # (B, N, D)
         inputs_embeds = torch.cat([prompt, embeds], dim=1)  # (B, N+T, D)
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = torch.ones(batch, seq_len, dtype=torch.long, device=embeds.device)
         ones = attention_mask.new_ones(batch, self.num_virtual_tokens)
         return inputs_embeds, torch.cat([ones, attention_mask], dim=1)  # (B, N+T)
 
-    def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, **kwargs):
-        """Run the model on [prompt; input]; returns the model's own output (logits, loss)."""
-        if "position_ids" in kwargs or "inputs_embeds" in kwargs:
-            raise ValueError("pass input_ids only: the wrapper builds inputs_embeds itself, and the model "
-                             "numbers the positions of prompt and input together")
-        inputs_embeds, attention_mask = self.prompt_inputs(input_ids, attention_mask)
-        batch = input_ids.shape[0]
+    def forward(self, input_ids=None, attention_mask=None, labels=None, token_type_ids=None, inputs_embeds=None,
+                **kwargs):
+        """Run the model on [prompt; input]; returns the model's own output (logits, loss).
+        ``input_ids`` (B, T) or ``inputs_embeds`` (B, T, D); for T5, the decoder's arguments as usual."""
+        if "position_ids" in kwargs:
+            raise ValueError("pass no position_ids: the model numbers the positions of prompt and input together")
+        inputs_embeds, attention_mask = self.prompt_inputs(input_ids, attention_mask, inputs_embeds)
+        batch, seq_len = inputs_embeds.shape[0], inputs_embeds.shape[1] - self.num_virtual_tokens
         # One integer label per token (language model, token tagging): the output has N more
-        # positions, so the prompt gets -100 (no loss). One label per sequence passes as it is.
-        per_token = labels is not None and labels.shape == input_ids.shape and not labels.is_floating_point()
+        # positions, so the prompt gets -100 (no loss). One label per sequence, or T5's decoder labels, pass as they are.
+        per_token = (labels is not None and tuple(labels.shape) == (batch, seq_len) and not labels.is_floating_point()
+                     and not self.is_encoder_decoder)
         if labels is not None and self.is_causal_lm and not per_token:
-            raise ValueError(f"a language model's labels must be token ids shaped like input_ids "
-                             f"{tuple(input_ids.shape)}, got {labels.dtype} {tuple(labels.shape)}")
+            raise ValueError(f"a language model's labels must be token ids shaped like the input "
+                             f"{(batch, seq_len)}, got {labels.dtype} {tuple(labels.shape)}")
         if per_token:
             ignore = labels.new_full((batch, self.num_virtual_tokens), -100)
             labels = torch.cat([ignore, labels], dim=1)  # (B, N+T)
@@ -123,16 +133,19 @@ class PromptTuningModel(nn.Module):
         return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, **kwargs):
-        """Generate after [prompt; input]; returns input_ids followed by the new tokens, like HF.
+    def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
+        """Generate after [prompt; input]; returns input_ids followed by the new tokens, like HF (given
+        inputs_embeds, the new tokens only; T5: the decoder's tokens, as HF returns them).
         Batches of different lengths must be padded on the left, so every row ends at its last token."""
-        if not self.is_causal_lm:
-            raise ValueError(f"generate needs a causal language model, not {type(self.base_model).__name__}")
+        if not (self.is_causal_lm or self.is_encoder_decoder):
+            raise ValueError(f"generate needs a causal or seq2seq language model, not {type(self.base_model).__name__}")
         if kwargs.get("return_dict_in_generate"):
             raise ValueError("PromptTuningModel.generate returns token ids only: pass return_dict_in_generate=False")
-        inputs_embeds, attention_mask = self.prompt_inputs(input_ids, attention_mask)
+        embeds, attention_mask = self.prompt_inputs(input_ids, attention_mask, inputs_embeds)
         # Given only inputs_embeds, HF returns only the new tokens: (B * k, new) for k sequences per input.
-        new_tokens = self.base_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        new_tokens = self.base_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        if input_ids is None or self.is_encoder_decoder:
+            return new_tokens
         per_input = new_tokens.shape[0] // input_ids.shape[0]  # num_return_sequences, HF repeats each row k times
         return torch.cat([input_ids.repeat_interleave(per_input, dim=0), new_tokens], dim=1)
 
@@ -169,11 +182,6 @@ def _check_prompt(num_virtual_tokens, token_dim, init, none_allowed=False):
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
 
 
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 def _module_names(names):
     """modules_to_save as a list (None, the default, stays None)."""
     if isinstance(names, str):
@@ -203,7 +211,8 @@ def _init_token_ids(init, n, token_dim, word_embeddings, init_text, tokenizer) -
 
 
 def _max_positions(model):
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None  # XLNet says -1: relative positions, no limit
 
 
 def _wrapper_config(model, prompt_encoder, init, modules_to_save):
@@ -247,15 +256,6 @@ def _modules_to_save(model, names):
 
 
 # --- saving ---
-
-def _adapter_files():
-    """adapter_files.py (and safetensors) do the saving; the technique itself needs only torch."""
-    try:
-        from . import adapter_files
-    except ImportError:  # this file was copied into a project, beside adapter_files.py
-        import adapter_files
-    return adapter_files
-
 
 def _check_wrapper(model, config_class=None):
     """``model`` is a PromptTuningModel (or PTuningModel) carrying ``config_class``'s technique."""

@@ -48,15 +48,15 @@ from adapters import BottleneckAdapter
 h = torch.randn(2, 5, 32)
 assert BottleneckAdapter(32, reduction_factor=8)(h).shape == h.shape
 """),
-    "prompt_tuning": ([], """
+    "prompt_tuning": (["prompt_common"], """
 from prompt_tuning import SoftPrompt
 assert SoftPrompt(4, 16)().shape == (4, 16)
 """),
-    "p_tuning": (["prompt_tuning"], """
+    "p_tuning": (["prompt_tuning", "prompt_common"], """
 from p_tuning import PromptEncoder
 assert PromptEncoder(4, 16, 8, kind="lstm")().shape == (4, 16)
 """),
-    "prefix_tuning": ([], """
+    "prefix_tuning": (["prompt_common"], """
 from prefix_tuning import PrefixEncoder
 assert PrefixEncoder(num_layers=2, num_kv_heads=2, head_dim=4, num_virtual_tokens=3)().numel() == 3 * 2 * 2 * 2 * 4
 """),
@@ -123,9 +123,9 @@ ROUND_TRIPS = {
              "technique.add_lora(model, ['0'], rank=2, alpha=4)", "0.lora_B.weight"),
     "adapters": (["adapter_layouts"], "nn.ModuleDict({'layer': bert_layer()})", "technique.add_adapters(model, 'pfeiffer')",
                  "layer.output.dense.adapter.adapter_up.weight"),
-    "prompt_tuning": ([], "Encoder()", "technique.PromptTuningModel(model, num_virtual_tokens=3)",
+    "prompt_tuning": (["prompt_common"], "Encoder()", "technique.PromptTuningModel(model, num_virtual_tokens=3)",
                       "prompt_encoder.embedding.weight"),
-    "p_tuning": (["prompt_tuning"], "Encoder()", "technique.PTuningModel(model)", "prompt_encoder.embedding.weight"),
+    "p_tuning": (["prompt_tuning", "prompt_common"], "Encoder()", "technique.PTuningModel(model)", "prompt_encoder.embedding.weight"),
 }
 
 

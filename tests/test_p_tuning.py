@@ -13,6 +13,8 @@ from peftkit.p_tuning import (PromptEncoder, PTuningConfig, PTuningModel, adapte
                               save_adapter)
 from peftkit.prompt_tuning import PromptTuningModel, SoftPrompt
 
+from families import FAMILIES, build  # noqa: E402
+from families import inputs as family_inputs  # noqa: E402
 from tiny import assert_unchanged, short_bert, short_llama, snapshot  # noqa: E402
 
 N, HIDDEN = 4, 16  # virtual tokens, encoder hidden size
@@ -284,3 +286,46 @@ def test_a_prompt_too_long_for_the_model_is_refused():
 def test_an_encoder_of_another_width_is_refused():
     with pytest.raises(ValueError, match="token_dim=64.*32"):
         PromptTuningModel(short_llama(), prompt_encoder=PromptEncoder(N, 64, HIDDEN))
+
+
+# --- every family of tests/families.py, against peft ---------------------------------------
+
+TASKS = {"t5": TaskType.SEQ_2_SEQ_LM, "gpt2": TaskType.CAUSAL_LM, "llama": TaskType.CAUSAL_LM}
+
+
+@pytest.mark.parametrize("kind", ["lstm", "mlp"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_matches_peft_with_ids_or_embeddings_and_trains_only_the_encoder(family, kind):
+    model = build(family)
+    dim = model.get_input_embeddings().embedding_dim  # ALBERT, ELECTRA: 16 < hidden_size, which peft assumes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(copy.deepcopy(model), PromptEncoderConfig(
+            task_type=TASKS.get(family, TaskType.SEQ_CLS), num_virtual_tokens=N, token_dim=dim,
+            encoder_reparameterization_type=kind.upper())).eval()
+    ours = PTuningModel(copy.deepcopy(model), PTuningConfig(N, kind=kind)).eval()
+    ours.prompt_encoder.load_state_dict(peft_model.prompt_encoder.default.state_dict())  # T5: 2N rows in both
+    x = family_inputs(family)
+    x["labels"] = x.get("decoder_input_ids", x["input_ids"]) if family in TASKS else torch.tensor([0, 2])
+    embedded = {k: v for k, v in x.items() if k != "input_ids"}
+    embedded["inputs_embeds"] = model.get_input_embeddings()(x["input_ids"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = [peft_model(**x), peft_model(**embedded)]
+    got = [ours(**x), ours(**embedded)]
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g.logits, e.logits)
+        torch.testing.assert_close(g.loss, e.loss)
+    got[0].loss.backward()
+    with_grad = {n for n, p in ours.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert {n for n in with_grad if not n.startswith("prompt_encoder.")} <= {
+        "base_model.classifier.weight", "base_model.classifier.bias", "base_model.classifier.dense.weight",
+        "base_model.classifier.dense.bias", "base_model.classifier.out_proj.weight", "base_model.classifier.out_proj.bias"}
+
+
+def test_t5_s_lstm_reads_2n_virtual_tokens_and_gives_n_as_peft():
+    ours = PTuningModel(build("t5"), PTuningConfig(N, kind="lstm"))
+    assert ours.prompt_encoder.embedding.weight.shape == (2 * N, 32) and ours.prompt_encoder().shape == (N, 32)
+    with pytest.raises(ValueError, match="num_transformer_submodules must be 1 or 2"):
+        PromptEncoder(N, 32, 16, "lstm", num_transformer_submodules=3)

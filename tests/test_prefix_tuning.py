@@ -7,6 +7,7 @@ through peft's ``forward``, which does use the prefix.
 
 import copy
 import importlib.util
+import shutil
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +23,8 @@ from peftkit.prefix_tuning import (SUPPORTED_MODEL_TYPES, PrefixEncoder, PrefixT
                                    adapter_state_dict, load_adapter, save_adapter)
 from peftkit.train import generate as generate_text
 
+from families import build  # noqa: E402
+from families import inputs as family_inputs  # noqa: E402
 from tiny import VOCAB_SIZE, assert_unchanged, snapshot, tiny_bert, tiny_llama  # noqa: E402
 
 P = 4  # prefix length used throughout
@@ -46,10 +49,10 @@ def tiny_lm(family="llama", seed=0):
     return tiny_llama(seed, config_class=config_class, model_class=model_class, max_position_embeddings=None)
 
 
-def peft_prefix(model, **kwargs):
+def peft_prefix(model, task_type="CAUSAL_LM", **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's forward uses the deprecated `past_key_values` name
-        return peft.get_peft_model(copy.deepcopy(model), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+        return peft.get_peft_model(copy.deepcopy(model), peft.PrefixTuningConfig(task_type=task_type,
                                                                              num_virtual_tokens=P, **kwargs))
 
 
@@ -86,7 +89,7 @@ def mlp_prefix(base=None):
 
 # --- the formula, against peft ---
 
-@pytest.mark.parametrize("family", SUPPORTED_MODEL_TYPES)
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])  # GPT-2 and T5: below, "families"
 def test_same_table_gives_peft_logits_and_loss(family):
     base = tiny_lm(family)
     reference = peft_prefix(base)
@@ -99,6 +102,20 @@ def test_same_table_gives_peft_logits_and_loss(family):
     assert_close(got.logits, expected.logits, rtol=0, atol=0)
     assert_close(got.loss, expected.loss, rtol=0, atol=0)
     assert not torch.allclose(got.logits, base(input_ids=x).logits, atol=1e-3)  # the prefix does change the output
+
+
+def test_inputs_embeds_give_peft_s_logits_and_those_of_the_ids():
+    base = tiny_lm()
+    reference = peft_prefix(base)
+    ours = table_copy_of(reference, base)
+    x, mask = ids(), torch.ones(2, 6, dtype=torch.long)
+    embeds = base.get_input_embeddings()(x)  # (B, T, D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = reference(inputs_embeds=embeds, attention_mask=mask).logits
+    got = ours(inputs_embeds=embeds, attention_mask=mask).logits
+    assert_close(got, expected, rtol=0, atol=0)
+    assert_close(got, ours(input_ids=x, attention_mask=mask).logits, rtol=0, atol=0)
 
 
 def test_without_an_attention_mask_the_logits_are_peft_s():
@@ -400,9 +417,11 @@ def test_saving_and_loading_take_the_wrapper_not_the_language_model(call, tmp_pa
         call(tiny_lm(), tmp_path)
 
 
-def test_the_file_works_alone_with_torch_only(tmp_path):
-    path = Path(__file__).parents[1] / "peftkit" / "prefix_tuning.py"
-    spec = importlib.util.spec_from_file_location("prefix_tuning_alone", path)
+def test_the_file_works_alone_with_torch_only(tmp_path, monkeypatch):
+    for name in ("prefix_tuning.py", "prompt_common.py"):  # the file and the sibling its docstring names
+        shutil.copy(Path(__file__).parents[1] / "peftkit" / name, tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = importlib.util.spec_from_file_location("prefix_tuning_alone", tmp_path / "prefix_tuning.py")
     alone = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(alone)  # outside the package: saving looks for adapter_files.py beside it
     wrapped = alone.PrefixTuningModel(tiny_lm(), num_virtual_tokens=P, projection=False)
@@ -437,8 +456,8 @@ def test_the_config_checks_its_sizes(kwargs, match):
 
 
 @pytest.mark.parametrize("model, match", [
-    (lambda: tiny_bert(seed=None, num_labels=None, eval_mode=False), r"llama.*'bert'.*BERT"),
-    (lambda: torch.nn.Linear(2, 2), "decoder-only"),
+    (lambda: tiny_bert(seed=None, num_labels=None, eval_mode=False), r"llama.*gpt2.*t5.*'bert'.*prompt tuning"),
+    (lambda: torch.nn.Linear(2, 2), "model_type None"),
 ])
 def test_unsupported_models_are_refused_with_the_supported_families(model, match):
     with pytest.raises(ValueError, match=match):
@@ -464,3 +483,70 @@ def test_gradient_checkpointing_is_refused():
     ours.base_model.activation_checkpointing_enable()
     with pytest.raises(ValueError, match="gradient checkpointing"):
         ours(input_ids=ids())
+
+
+# --- families: GPT-2 and T5 against peft; the families without a cache are refused ---
+
+@pytest.mark.parametrize("projection", [False, True])
+@pytest.mark.parametrize("family, task", [("gpt2", "CAUSAL_LM"), ("t5", "SEQ_2_SEQ_LM")])
+def test_gpt2_and_t5_match_peft_with_ids_or_embeddings(family, task, projection):
+    model = build(family)
+    reference = peft_prefix(model, task_type=task, prefix_projection=projection, encoder_hidden_size=24).eval()
+    ours = PrefixTuningModel(copy.deepcopy(model), num_virtual_tokens=P, projection=projection, encoder_hidden_size=24)
+    ours.prefix_encoder.load_state_dict(reference.prompt_encoder["default"].state_dict())  # strict: peft's names
+    x = family_inputs(family)
+    x["labels"] = x.get("decoder_input_ids", x["input_ids"])
+    if family == "t5":  # the decoder's mask gets P ones in front, as peft gives it
+        x["decoder_attention_mask"] = torch.ones_like(x["labels"])
+        x["decoder_attention_mask"][1, -1] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = reference(**x)
+    got = ours(**x)
+    assert_close(got.logits, expected.logits)
+    assert_close(got.loss, expected.loss)
+    embedded = {k: v for k, v in x.items() if k != "input_ids"}
+    assert_close(ours(inputs_embeds=model.get_input_embeddings()(x["input_ids"]), **embedded).logits, got.logits,
+                 rtol=0, atol=0)
+    got.loss.backward()
+    assert {n for n, p in ours.named_parameters() if p.grad is not None} <= set(adapter_state_dict(ours))
+    assert ours.prefix_encoder.embedding.weight.grad.abs().sum() > 0
+
+
+def test_t5_prefix_is_in_the_decoder_self_attention_only():
+    ours = PrefixTuningModel(build("t5"), num_virtual_tokens=P, projection=False)
+    cache = ours.prefix_cache(2)
+    assert cache.self_attention_cache.get_seq_length() == P and cache.cross_attention_cache.get_seq_length() == 0
+    table = ours.export_prefix()  # (L, 2, H, P, D); peft's layout: decoder layer l reads table layer 2l mod L = 0
+    assert torch.equal(cache.self_attention_cache.layers[1].keys[0], table[0, 0])
+
+
+def test_gpt2_generate_equals_step_by_step_greedy_forward():
+    ours = PrefixTuningModel(build("gpt2"), num_virtual_tokens=P, projection=False)
+    x = family_inputs("gpt2")["input_ids"]
+    expected = greedy_by_forward(lambda s: ours(input_ids=s).logits, x, 4)
+    assert torch.equal(ours.generate(x, max_new_tokens=4), expected)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "albert", "electra", "xlnet"])
+def test_families_whose_layers_take_no_cache_are_refused_naming_the_family(family):
+    model = build(family)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"llama.*gpt2.*t5.*model_type '{family}'"):
+        PrefixTuningModel(model, num_virtual_tokens=P)
+    assert_unchanged(model, before)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("misuse, match", [
+    (lambda m: m(**family_inputs("t5"), position_ids=torch.arange(7)[None]), "pass no position_ids"),
+    (lambda m: m.generate(family_inputs("t5")["input_ids"]), "decode step by step"),
+])
+def test_t5_misuse_gives_a_clear_error(misuse, match):
+    with pytest.raises(ValueError, match=match):
+        misuse(PrefixTuningModel(build("t5"), num_virtual_tokens=P))
+
+
+def test_a_t5_whose_sizes_peft_cannot_lay_out_is_refused():
+    with pytest.raises(ValueError, match="d_kv=4"):
+        PrefixTuningModel(build("t5", d_kv=4), num_virtual_tokens=P)

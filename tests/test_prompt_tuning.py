@@ -14,6 +14,8 @@ from peftkit.adapter_files import load_tensors
 from peftkit.prompt_tuning import (PromptTuningConfig, PromptTuningModel, SoftPrompt, adapter_state_dict, load_adapter,
                                    save_adapter)
 
+from families import FAMILIES, build  # noqa: E402
+from families import inputs as family_inputs  # noqa: E402
 from tiny import assert_unchanged, short_bert, short_llama, snapshot  # noqa: E402
 
 N = 5  # virtual tokens
@@ -378,15 +380,96 @@ def test_an_input_too_long_for_the_positions_left_is_refused():
 
 
 def test_generate_needs_a_causal_language_model():
-    with pytest.raises(ValueError, match="causal language model"):
+    with pytest.raises(ValueError, match="causal or seq2seq language model"):
         PromptTuningModel(short_bert(), num_virtual_tokens=N).generate(batch()[0])
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(labels=torch.tensor([1, 2])), "labels must be token ids shaped like input_ids"),
-    (dict(position_ids=torch.arange(7)[None]), "pass input_ids only"),
+    (dict(labels=torch.tensor([1, 2])), r"labels must be token ids shaped like the input \(2, 7\)"),
+    (dict(position_ids=torch.arange(7)[None]), "pass no position_ids"),
+    (dict(inputs_embeds=torch.zeros(2, 7, 32)), "exactly one of input_ids .* or inputs_embeds"),
 ])
 def test_language_model_forward_refuses_what_it_cannot_use(kwargs, match):
     lm = PromptTuningModel(short_llama(), num_virtual_tokens=N)
     with pytest.raises(ValueError, match=match):
         lm(*batch(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(attention_mask=torch.ones(2, 7)), r"exactly one of input_ids \(batch, seq_len\)"),
+    (dict(inputs_embeds=torch.zeros(2, 7)), r"inputs_embeds must be \(batch, seq_len, dim\), got shape \(2, 7\)"),
+])
+def test_forward_needs_ids_or_embeddings_of_the_right_shape(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PromptTuningModel(short_llama(), num_virtual_tokens=N)(**kwargs)
+
+
+# --- every family of tests/families.py, against peft ---------------------------------------
+
+TASKS = {"t5": TaskType.SEQ_2_SEQ_LM, "gpt2": TaskType.CAUSAL_LM, "llama": TaskType.CAUSAL_LM}
+
+
+def family_batch(family):
+    """Inputs with labels: the decoder's ids (T5), the input ids (causal LM) or one class per row (encoders)."""
+    x = family_inputs(family)
+    x["labels"] = x.get("decoder_input_ids", x["input_ids"]) if family in TASKS else torch.tensor([0, 2])
+    return x
+
+
+def with_embeds(model, x):
+    """The same inputs with inputs_embeds (B, T, D) in place of input_ids."""
+    x = dict(x)
+    x["inputs_embeds"] = model.get_input_embeddings()(x.pop("input_ids"))
+    return x
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_matches_peft_with_ids_or_embeddings_and_trains_only_the_prompt(family):
+    model = build(family)
+    dim = model.get_input_embeddings().embedding_dim  # ALBERT, ELECTRA: 16 < hidden_size, which peft assumes
+    peft_model = peft_prompt_model(model, TASKS.get(family, TaskType.SEQ_CLS), token_dim=dim)
+    ours = PromptTuningModel(copy.deepcopy(model), num_virtual_tokens=N).eval()
+    with torch.no_grad():  # T5: peft keeps 2N rows (encoder and decoder) and reads the first N
+        ours.prompt_encoder.embedding.weight.copy_(peft_model.prompt_encoder.default.embedding.weight[:N])
+    x = family_batch(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = [peft_model(**x), peft_model(**with_embeds(model, x))]
+    got = [ours(**x), ours(**with_embeds(model, x))]
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g.logits, e.logits, rtol=0, atol=0)
+        torch.testing.assert_close(g.loss, e.loss, rtol=0, atol=0)
+    got[0].loss.backward()
+    with_grad = {n for n, p in ours.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert "prompt_encoder.embedding.weight" in with_grad
+    assert with_grad <= {"prompt_encoder.embedding.weight", "base_model.classifier.weight", "base_model.classifier.bias",
+                         "base_model.classifier.dense.weight", "base_model.classifier.dense.bias",
+                         "base_model.classifier.out_proj.weight", "base_model.classifier.out_proj.bias"}
+
+
+def test_generate_from_embeddings_returns_the_new_tokens_of_the_ids():
+    ours = PromptTuningModel(build("llama"), num_virtual_tokens=N).eval()
+    ids = family_inputs("llama")["input_ids"]
+    from_ids = ours.generate(ids, max_new_tokens=3, do_sample=False)
+    from_embeds = ours.generate(inputs_embeds=ours.base_model.get_input_embeddings()(ids), max_new_tokens=3,
+                                do_sample=False)
+    assert torch.equal(from_embeds, from_ids[:, ids.shape[1]:])
+
+
+def test_t5_generate_matches_peft_and_the_prompt_changes_the_answer():
+    model = build("t5")
+    peft_model = peft_prompt_model(model, TaskType.SEQ_2_SEQ_LM)
+    ours = PromptTuningModel(copy.deepcopy(model), num_virtual_tokens=N).eval()
+    prompt = torch.randn(N, 32, generator=torch.Generator().manual_seed(0)) * 30  # loud enough to change the answer
+    with torch.no_grad():  # peft keeps 2N rows for T5 and reads the first N
+        peft_model.prompt_encoder.default.embedding.weight[:N] = prompt
+        ours.prompt_encoder.embedding.weight.copy_(prompt)
+    x = family_inputs("t5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = peft_model.generate(input_ids=x["input_ids"], attention_mask=x["attention_mask"], max_new_tokens=4,
+                                       do_sample=False)
+    got = ours.generate(x["input_ids"], x["attention_mask"], max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, expected)  # the decoder's tokens, as HF and peft return them
+    assert not torch.equal(got, model.generate(x["input_ids"], max_new_tokens=4, do_sample=False))
