@@ -415,7 +415,7 @@ def quantize_model(model: nn.Module, skip=("lm_head", "classifier"), double_quan
         family = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise ValueError(f"{type(model).__name__} ({family}) has no nn.Linear outside skip={tuple(skip)} to quantize"
                          + (f"; its projections are Conv1D ({conv1d[0]!r}, ...), which peftkit's NF4 does not quantize: "
-                            "families with nn.Linear projections (bert, roberta, albert, electra, t5, llama) work"
+                            "families with nn.Linear projections (bert, roberta, albert, electra, xlnet, t5, llama) work"
                             if conv1d else ""))
     quantized = {}
     for name in targets:

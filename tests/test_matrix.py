@@ -18,15 +18,6 @@ import matrix_checks
 ROOT = Path(__file__).resolve().parents[1]
 
 PENDING = {  # (technique, family) -> what it waits for; the matrix shows it as the cell's reason
-    ("LoRA q/v", "xlnet"): "pending: an error naming xlnet (targets.py)",
-    ("LoRA q/v", "gpt2"): "pending: Conv1D LoRA (lora.py)",
-    ("LoRA all-linear", "t5"): "pending: LoRALinear.weight, read by T5 (lora.py)",
-    ("LoRA all-linear", "gpt2"): "pending: Conv1D LoRA (lora.py)",
-    ("prompt tuning", "xlnet"): "pending: XLNet's positions (prompt_tuning.py)",
-    ("P-tuning (MLP)", "xlnet"): "pending: XLNet's positions (prompt_tuning.py)",
-    ("QLoRA", "xlnet"): "pending: all-linear without XLNet's head (targets.py)",
-    ("QLoRA", "t5"): "pending: LoRALinear.weight, read by T5 (lora.py)",
-    ("QLoRA", "gpt2"): "pending: NF4 Conv1D or an error naming gpt2 (nf4.py)",
 }
 PAIRS = [(t, f) for t in matrix_checks.TECHNIQUES for f in families.FAMILIES]
 

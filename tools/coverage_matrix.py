@@ -27,12 +27,14 @@ QUIRKS = {  # family -> footnote
     "albert": "ALBERT has one layer whose weights every pass reuses: it gets one set of adapters (LoRA "
               "pairs, ...), shared by every pass, so it trains as many numbers as a 1-layer model would.",
     "xlnet": "XLNet keeps its attention projections q, k, v, o as parameters used in einsums, not as linear "
-             "layers: LoRA q/v has no module to wrap, and Houlsby's adapter after attention has none to follow.",
+             "layers: LoRA q/v has no module to wrap (\"all-linear\" adapts its feed-forward), and Houlsby's adapter "
+             "after attention has none to follow.",
     "t5": "T5 is an encoder-decoder: adapters follow self-attention and feed-forward in both stacks (not "
-          "cross-attention, as AdapterHub); prompts go in front of the encoder input only (peft with "
-          "num_transformer_submodules=1; peft's default prompts the decoder too).",
+          "cross-attention, as AdapterHub); soft prompts go in front of the encoder input (peft keeps 2N rows and "
+          "reads the first N there); prefixes go in the decoder's self-attention only, as peft lays them out "
+          "(prompt_common.py).",
     "gpt2": "GPT-2 stores its projections as transformers' Conv1D, weight transposed (in, out); "
-            "its fused query/key/value projection is c_attn.",
+            "its fused query/key/value projection is c_attn. LoRA wraps it as peft does (fan_in_fan_out).",
 }
 
 
