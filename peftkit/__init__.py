@@ -1,8 +1,11 @@
 """peftkit: parameter-efficient fine-tuning built from scratch in readable PyTorch.
 
-Each technique lives in its own file and needs only torch:
+Each technique lives in its own file and needs only torch (and the small sibling files its docstring names):
 lora, adapters, prompt_tuning, p_tuning, prefix_tuning, nf4, qlora.
-Loaders (models), data (data), the training loop (train) and adapter files (adapter_files) are separate.
+Their helpers: targets (which layers LoRA wraps, per family), lora_layers (LoRA on embeddings), adapter_layouts
+(where each family keeps its projections), prompt_common (what the prompt methods share: peft export, T5).
+Turning an adapter off and several named LoRA adapters: multi_adapter (disable_adapter, set_adapter, ...).
+Loaders (models, tiny_models), data (data), the training loop (train) and adapter files (adapter_files) are separate.
 """
 
 import warnings
