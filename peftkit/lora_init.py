@@ -174,6 +174,8 @@ def _checked_layers(model: nn.Module, method: str):
                              "electra, xlnet, t5, llama) work")
         if not layer.base.weight.is_floating_point():
             raise TypeError(f"{name!r} has a {layer.base.weight.dtype} weight: {method} needs a float weight")
+        if not torch.isfinite(layer.base.weight).all():
+            raise ValueError(f"{name!r} has NaN/inf weights: {method} needs finite W (a diverged training run?)")
         if layer.rank > min(layer.in_features, layer.out_features):
             raise ValueError(f"{name!r}: rank {layer.rank} exceeds min(out, in) = "
                              f"{min(layer.in_features, layer.out_features)}, the most singular values W has")
