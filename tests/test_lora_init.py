@@ -59,6 +59,10 @@ def logits(model, family="bert"):
 
 
 # --- PiSSA ---
+FIRST_QUERY = {"bert": "bert.encoder.layer.0.attention.self.query", "llama": "model.layers.0.self_attn.q_proj",
+               "gpt2": "transformer.h.0.attn.c_attn"}
+
+
 @pytest.mark.parametrize("family, alpha, rslora", [("bert", 8, False), ("llama", 16, True), ("gpt2", 4, False)])
 def test_pissa_gives_peft_factors_and_residual_and_keeps_the_output(family, alpha, rslora):
     base, theirs, ours = models(family, "pissa", alpha=alpha, rslora=rslora)
@@ -67,13 +71,11 @@ def test_pissa_gives_peft_factors_and_residual_and_keeps_the_output(family, alph
     assert initial.keys() == {n for n, _ in ours.named_parameters() if ".lora_" in n}
     torch.testing.assert_close(logits(ours, family), logits(base, family))  # W_res + s B A = W
     torch.testing.assert_close(logits(ours, family), logits(theirs, family))
-    layer = ours.get_submodule("model.layers.0.self_attn.q_proj" if family == "llama" else
-                               "transformer.h.0.attn.c_attn" if family == "gpt2" else
-                               "bert.encoder.layer.0.attention.self.query")
-    w = base.get_submodule(layer_name := next(n for n, m in ours.named_modules() if m is layer)).weight
-    w = w.T if family == "gpt2" else w  # (out, in)
+    name = FIRST_QUERY[family]
+    w = base.get_submodule(name).weight
+    w = w.T if family == "gpt2" else w  # (out, in): GPT-2's Conv1D stores (in, out)
     s = torch.linalg.svdvals(w)[:4]  # s B A holds the top singular values of W, whatever alpha is
-    torch.testing.assert_close(torch.linalg.svdvals(layer.delta_weight())[:4], s, msg=layer_name)
+    torch.testing.assert_close(torch.linalg.svdvals(ours.get_submodule(name).delta_weight())[:4], s, msg=name)
 
 
 def test_pissa_niter_gives_peft_factors_given_the_same_random_sketch(monkeypatch):
