@@ -190,7 +190,8 @@ def pissa_to_lora(model: nn.Module, initial: dict[str, torch.Tensor]):
 
     ``initial``: what ``init_lora`` returned. The other trained tensors (``modules_to_save``, biases) are kept
     as they are (peft's conversion writes the LoRA factors only). Load the result with ``add_lora(original,
-    **dataclasses.asdict(config))`` and ``original.load_state_dict(tensors, strict=False)``."""
+    **dataclasses.asdict(config))`` and ``original.load_state_dict(tensors, strict=False)``; ``lora.export_peft``
+    then writes it for peft."""
     config, state = lora._lora_config(model, required=True), lora.adapter_state_dict(model)
     factors = [k for k in state if k.endswith((".lora_A.weight", ".lora_B.weight"))]
     if not isinstance(initial, dict) or sorted(initial) != sorted(factors):

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 import families
 from peftkit import nf4
-from peftkit.lora import add_lora, merge_lora, unmerge_lora
+from peftkit.lora import add_lora, export_peft, merge_lora, unmerge_lora
 from peftkit.lora_init import init_lora, loftq_init_, pissa_init_, pissa_to_lora, quantization_error
 from peftkit.qlora import prepare_for_qlora
 from tiny import assert_unchanged, snapshot, wide_llama
@@ -125,6 +125,9 @@ def test_pissa_to_lora_matches_peft_conversion(tmp_path, rslora):
     plain = add_lora(copy.deepcopy(base), **dataclasses.asdict(config))
     assert plain.load_state_dict(tensors, strict=False).unexpected_keys == []
     torch.testing.assert_close(logits(plain), logits(ours))
+    export_peft(plain, tmp_path / "exported", None)  # and peft loads it onto the original weights
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "exported")
+    torch.testing.assert_close(logits(loaded), logits(ours))
     torch.testing.assert_close(logits(merge_lora(plain)), logits(ours))
 
 
