@@ -33,7 +33,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*(fan_in_fan_out is set|PiSSA c
 
 
 def models(family, peft_init, rank=4, alpha=8, rslora=False, targets=None, base=None, **peft_kwargs):
-    """(the base model, peft's model with init_lora_weights=peft_init, ours wrapped by add_lora, not yet initialised)."""
+    """(the base model, peft's model with init_lora_weights=peft_init, ours wrapped by add_lora, not initialised)."""
     base = base if base is not None else families.build(family)
     targets = targets or families.QV[family]
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora, target_modules=targets,
