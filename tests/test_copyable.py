@@ -85,6 +85,17 @@ model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.L
 add_lora(prepare_for_qlora(model), "all-linear", rank=2, alpha=4)
 model(torch.randn(3, 64)).sum().backward()
 """),
+    "lora_init": (["lora", "targets", "nf4"], """
+from lora import add_lora
+from lora_init import init_lora, pissa_to_lora
+model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
+x = torch.randn(3, 64)
+before = model(x)
+initial = init_lora(add_lora(model, ["0"], rank=2, alpha=4), "pissa")
+assert torch.allclose(model(x), before, atol=1e-5)  # W_res + s B A = W
+assert pissa_to_lora(model, initial)[1].rank == 4
+init_lora(add_lora(torch.nn.Sequential(torch.nn.Linear(64, 64)), ["0"], rank=2), "loftq", iters=2)
+"""),
 }
 
 
