@@ -65,6 +65,7 @@ def test_rows_go_to_their_own_adapter_not_a_neighbour_s():
     ab = mixed_forward(model, ["a", "b"], input_ids=ids).logits
     ba = mixed_forward(model, ["b", "a"], input_ids=ids).logits
     assert not torch.allclose(ab[0], ab[1])  # the same input, other adapters: other outputs
+    torch.testing.assert_close(ab[:1], set_adapter(model, "a")(input_ids=ids[:1]).logits)  # not b's, swapped
     torch.testing.assert_close(ab[0], ba[1])
     torch.testing.assert_close(ab[1], ba[0])
 
