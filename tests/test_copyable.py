@@ -78,6 +78,19 @@ assert active_adapter(model) == "b" and not torch.equal(model(x), base)
 with disable_adapter(model):
     assert torch.equal(model(x), base)
 """),
+    "serving": (["lora", "multi_adapter", "targets", "lora_layers", "adapters", "adapter_layouts"], """
+from multi_adapter import add_named_adapter, set_adapter
+from serving import adapter_bytes, mixed_forward
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
+x = torch.randn(3, 4)
+base = model(x)
+add_named_adapter(model, "a", ["0"], rank=2, alpha=4)
+add_named_adapter(model, "b", ["2"], rank=1, alpha=2)
+torch.nn.init.ones_(set_adapter(model, "b")[2].lora_B.weight)
+mixed = mixed_forward(model, ["__base__", "b", "a"], x)
+assert torch.equal(mixed[1], model(x)[1]) and torch.equal(mixed[0], base[0]) and torch.equal(mixed[2], base[2])
+assert adapter_bytes(model)["b"] == {"parameters": 8 + 2, "bytes": 40}
+"""),
     "qlora": (["lora", "targets", "nf4"], """
 from lora import add_lora
 from qlora import prepare_for_qlora
