@@ -63,7 +63,8 @@ def disable_adapter(model: nn.Module, allow_trained_modules: bool = False):
     if not isinstance(model, nn.Module):
         raise TypeError(f"disable_adapter needs a torch.nn.Module, got {type(model).__name__}")
     if vars(model).get("_peftkit_disabled"):
-        raise ValueError("the adapter is already disabled: disable_adapter blocks do not nest")
+        raise ValueError("the adapter is already disabled (inside disable_adapter or serving.mixed_batch): "
+                         "these blocks do not nest")
     config = vars(model).get("adapter_config")
     wrappers = [(n, m) for n, m in model.named_modules() if n and isinstance(m, (LoRALinear, AdaptedSublayer))]
     prompt = getattr(config, "technique", None) in PROMPT_TECHNIQUES and hasattr(model, "base_model")
@@ -131,7 +132,8 @@ def _registry(model: nn.Module, required: bool = True) -> dict | None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module with LoRA, got {type(model).__name__}")
     if vars(model).get("_peftkit_disabled"):
-        raise ValueError("the model's adapter is disabled (inside disable_adapter): leave that block first")
+        raise ValueError("the model's adapters are out of the forward pass (inside disable_adapter or "
+                         "serving.mixed_batch): leave that block first")
     live, registry = _live_layers(model), vars(model).get(KEY)
     active = registry and registry["adapters"][registry["active"]].layers
     if registry is not None and not any(live.get(n) is layer for n, layer in active.items()):
