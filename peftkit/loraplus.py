@@ -8,14 +8,15 @@ starts at zero and should move faster than ``A`` (rank, in). LoRA+ gives B a hig
 Nothing in the model changes; only the optimizer's parameter groups. ``loraplus_param_groups`` builds the
 four groups of peft's ``create_loraplus_optimizer`` (``peft.optimizers``), in its order and by its rules:
 
-    0  "A"            everything else that trains (lora_A, a modules_to_save weight)   lr,                 decay
-    1  "embedding"    both factors of a LoRA embedding (``lora_layers.py``)            lr_embedding (1e-6), decay
-    2  "B"            lora_B and every 1-D tensor (DoRA's magnitude, a LayerNorm-free  ratio * lr,         decay
-                      trained vector)
-    3  "B_no_decay"   the same, but biases and LayerNorm parameters                    ratio * lr,         no decay
+    group           which trainable tensors                                  rate                 decay
+    0 "A"           the rest: lora_A, 2-D weights of modules_to_save         lr                   yes
+    1 "embedding"   both factors of a LoRA embedding (``lora_layers.py``)    lr_embedding (1e-6)  yes
+    2 "B"           lora_B and every other 1-D tensor (DoRA's magnitude)     ratio * lr           yes
+    3 "B_no_decay"  biases, and 1-D tensors inside an nn.LayerNorm          ratio * lr           no
 
-``decay`` is ``weight_decay`` (peft's ``loraplus_weight_decay``, default 0). peft's rule for "B" is a test on
-names and shapes (``"lora_B" in name or param.ndim == 1``), so biases and magnitudes get B's rate too.
+"yes" decays by ``weight_decay`` (peft's ``loraplus_weight_decay``, default 0). peft's rule for B is a test on
+names and shapes (``"lora_B" in name or param.ndim == 1``), so biases, norms and magnitudes get B's rate too
+(a 1-D tensor inside a LayerNorm, or with "bias" in its name, goes to group 3; every other 1-D one to group 2).
 
     groups = loraplus_param_groups(model, lr=2e-4, ratio=16)
     optimizer = torch.optim.AdamW(groups, lr=2e-4)                # a group's own lr wins over this one
@@ -34,7 +35,7 @@ GROUPS = ("A", "embedding", "B", "B_no_decay")  # peft's order
 
 def loraplus_group(name: str, param: torch.Tensor, no_decay: set[str]) -> str:
     """Which of ``GROUPS`` a trainable parameter joins (peft's rules, see the module docstring)."""
-    if name.rpartition(".")[2] in ("lora_embedding_A", "lora_embedding_B"):  # peft: any parameter of a LoRA embedding layer
+    if name.rpartition(".")[2] in ("lora_embedding_A", "lora_embedding_B"):  # peft: all of a LoRA embedding's
         return "embedding"
     if "lora_B" in name or param.ndim == 1:
         return "B_no_decay" if "bias" in name or name in no_decay else "B"
