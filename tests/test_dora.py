@@ -40,16 +40,17 @@ def assert_differ(a, b):
     assert (a - b).abs().max() > 1e-2 * b.abs().max(), "DoRA changed nothing"
 
 
-def twins(family, randomize=True, seed=5, **kwargs):
+def twins(family, randomize=True, seed=5, targets=None, dtype=None, **kwargs):
     """(base, peft's DoRA model, ours), drawn from the same seed; with ``randomize``, every trained tensor gets the
     same random values (m = ||W|| + noise), so that DoRA is no identity."""
-    base, kwargs = build(family), {"rank": 4, "alpha": 8, **kwargs}
+    base, kwargs, targets = build(family), {"rank": 4, "alpha": 8, **kwargs}, targets or QV[family]
+    base = base if dtype is None else base.to(dtype)
     names = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "rslora": "use_rslora"}
-    config = peft.LoraConfig(target_modules=QV[family], use_dora=True, **{names[k]: v for k, v in kwargs.items()})
+    config = peft.LoraConfig(target_modules=targets, use_dora=True, **{names[k]: v for k, v in kwargs.items()})
     torch.manual_seed(seed)
     theirs = peft.get_peft_model(copy.deepcopy(base), config)
     torch.manual_seed(seed)
-    ours = add_dora(copy.deepcopy(base), QV[family], **kwargs)
+    ours = add_dora(copy.deepcopy(base), targets, **kwargs)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in theirs.named_parameters():
@@ -88,6 +89,30 @@ def test_same_outputs_and_gradients_as_peft(family):
     for n, p in theirs.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(ours.get_parameter(dora_name(n)).grad, p.grad, msg=n)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_all_linear_with_rslora_matches_peft(family):
+    base, theirs, ours = twins(family, targets="all-linear", rslora=True, rank=2, alpha=3)
+    assert {dora_name(n): c for n, c in trainable(theirs).items()} == trainable(ours)
+    assert_same(logits(ours, family), logits(theirs, family))
+
+
+def test_bfloat16_base_keeps_float32_factors_and_magnitude_like_peft():
+    base, theirs, ours = twins("llama", dtype=torch.bfloat16)
+    layer = ours.model.layers[0].self_attn.q_proj
+    assert layer.base.weight.dtype == torch.bfloat16 and layer.lora_magnitude_vector.dtype == torch.float32
+    assert_same(logits(ours, "llama").float(), logits(theirs, "llama").float())
+
+
+def test_a_refused_safe_merge_leaves_the_model_as_it_was():
+    _, _, ours = twins("llama")
+    with torch.no_grad():
+        ours.model.layers[1].self_attn.v_proj.lora_magnitude_vector[0] = float("inf")
+    before = snapshot(ours)
+    with pytest.raises(ValueError, match="NaN/inf"):
+        merge_lora(ours, safe_merge=True)
+    assert_unchanged(ours, before)
 
 
 def test_dropout_in_training_matches_peft():
