@@ -43,6 +43,17 @@ assert type(model[0]).__name__ == "LoRAEmbedding" and type(model[1]).__name__ ==
 assert torch.equal(model(x), before)  # A (embedding) and B (linear) start at zero
 merge_lora(model)
 """),
+    "dora": (["lora", "targets"], """
+from dora import add_dora, merge_lora
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+x = torch.randn(3, 4)
+before = model(x)
+add_dora(model, ["0", "2"], rank=2, alpha=4)
+assert type(model[0]).__name__ == "DoRALinear" and torch.allclose(model(x), before)  # m = ||W||, B = 0
+torch.nn.init.ones_(model[0].lora_B.weight)
+after = model(x)
+assert torch.allclose(merge_lora(model)(x), after, atol=1e-6) and not torch.allclose(after, before)
+"""),
     "adapters": (["adapter_layouts"], """
 from adapters import BottleneckAdapter
 h = torch.randn(2, 5, 32)
