@@ -145,31 +145,13 @@ def add_dora(model, target_modules, rank=8, alpha=16, dropout=0.0, rslora=False,
 
 # --- saving ---
 def load_adapter(model: nn.Module, path) -> DoRAConfig:
-    """Load what ``save_adapter`` wrote for DoRA, injecting DoRA from the saved config if ``model`` has no LoRA.
-
-    A model with plain LoRA, with another alpha or rslora, or merged, is refused; the file must hold exactly what
-    DoRA trains (A, B, m, ...) in the model's shapes. On any error the model is left as it came."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"load_adapter needs a torch.nn.Module, got {type(model).__name__}")
-    tensors, config = (files := lora._sibling("adapter_files")).read_adapter(path, DoRAConfig)
-    layers, flags = lora._lora_layers(model), {n: p.requires_grad for n, p in model.named_parameters()}
+    """``lora.load_adapter`` for DoRA's files: injects DoRA from the saved config if ``model`` has no LoRA. A model
+    with plain LoRA layers, another alpha or rslora, or merged, is refused; on any error it is left as it came."""
+    layers = lora._lora_layers(model) if isinstance(model, nn.Module) else []  # lora.load_adapter checks the type
     if plain := [n for n, m in layers if not isinstance(m, DoRALinear)]:
         raise ValueError(f"the model has plain LoRA layers ({plain[0]}, ...), but {path} holds DoRA: load it into "
                          "a model without LoRA (load_adapter adds DoRA from the file's config)")
-    if any(m.merged for _, m in layers):
-        raise ValueError("the model's DoRA is merged into its base weights: unmerge_lora(model) before load_adapter")
-    if other := next((m for _, m in layers if (m.alpha, m.rslora) != (config.alpha, config.rslora)), None):
-        raise ValueError(f"{path} was trained with alpha={config.alpha}, rslora={config.rslora}, but the model's "
-                         f"DoRA has alpha={other.alpha}, rslora={other.rslora}: load it into a model without LoRA")
-    if not layers:
-        add_dora(model, **asdict(config))  # changes nothing if it fails
-    try:
-        files.copy_tensors(model, tensors, adapter_state_dict(model), source=path, config=asdict(config))
-    except BaseException:
-        if not layers:
-            lora._remove_lora(model, flags)
-        raise
-    return config
+    return lora.load_adapter(model, path, DoRAConfig, add_dora)
 
 
 def export_peft(model: nn.Module, path, base_model_name_or_path: str | None):

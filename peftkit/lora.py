@@ -193,7 +193,7 @@ def add_lora(model, target_modules, rank=8, alpha=16, dropout=0.0, rslora=False,
 def _trained_biases(model: nn.Module) -> list[str]:  # peft's bias modes: the biases that train beside A and B
     if (bias := getattr(_lora_config(model), "bias", "none")) == "all":
         return [n for n, _ in model.named_parameters() if n == "bias" or n.endswith(".bias")]
-    return [f"{n}.base.bias" for n, m in _lora_layers(model) if bias == "lora_only" and m.base.bias is not None]
+    return [f"{n}.base.bias" for n, m in _lora_layers(model) if bias == "lora_only" and getattr(m.base, "bias", None) is not None]
 
 
 def _remove_lora(model: nn.Module, flags: dict | None = None) -> None:  # undo add_lora (flags: requires_grad before)
@@ -249,7 +249,7 @@ def save_adapter(model: nn.Module, path):
     return _sibling("adapter_files").write_adapter(adapter_state_dict(model), path, _lora_config(model, required=True))
 
 
-def load_adapter(model: nn.Module, path) -> LoRAConfig:
+def load_adapter(model: nn.Module, path, config_class=LoRAConfig, inject=None) -> LoRAConfig:
     """Load what ``save_adapter`` wrote, injecting LoRA from the saved config if ``model`` has none.
 
     The file must be LoRA's and hold exactly what LoRA trains, in the model's shapes (else a ValueError names the
@@ -257,7 +257,7 @@ def load_adapter(model: nn.Module, path) -> LoRAConfig:
     its own ``dropout``. On any error the model is left as it came. A field the file predates takes its default."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapter needs a torch.nn.Module, got {type(model).__name__}")
-    tensors, config = (files := _sibling("adapter_files")).read_adapter(path, LoRAConfig)
+    tensors, config = (files := _sibling("adapter_files")).read_adapter(path, config_class)
     layers, flags = _lora_layers(model), {n: p.requires_grad for n, p in model.named_parameters()}
     if any(layer.merged for _, layer in layers):  # a later unmerge would take out the new B A, not the merged one
         raise ValueError("the model's LoRA is merged into its base weights: unmerge_lora(model) before load_adapter")
@@ -266,7 +266,7 @@ def load_adapter(model: nn.Module, path) -> LoRAConfig:
                          f"LoRA has alpha={other.alpha}, rslora={other.rslora}, which would scale its update wrongly. "
                          "Load into a model without LoRA (load_adapter then adds it with the file's config)")
     if not layers:
-        add_lora(model, **asdict(config))  # changes nothing if it fails
+        (inject or add_lora)(model, **asdict(config))  # changes nothing if it fails
     try:
         files.copy_tensors(model, tensors, adapter_state_dict(model), source=path, config=asdict(config))
     except BaseException:

@@ -102,6 +102,13 @@ mixed = mixed_forward(model, ["__base__", "b", "a"], x)
 assert torch.equal(mixed[1], model(x)[1]) and torch.equal(mixed[0], base[0]) and torch.equal(mixed[2], base[2])
 assert adapter_bytes(model)["b"] == {"parameters": 8 + 2, "bytes": 40}
 """),
+    "loraplus": ([], """
+from loraplus import loraplus_param_groups
+model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+model.add_module("lora_B", torch.nn.Linear(2, 4, bias=False))
+groups = loraplus_param_groups(model, lr=1e-3, ratio=16, weight_decay=0.1)
+assert [len(g["params"]) for g in groups] == [1, 0, 1, 3] and groups[2]["lr"] == 16e-3  # A, embedding, B, no decay
+"""),
     "qlora": (["lora", "targets", "nf4"], """
 from lora import add_lora
 from qlora import prepare_for_qlora

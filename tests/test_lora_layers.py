@@ -150,3 +150,10 @@ def test_a_failed_add_lora_on_conv1d_and_embedding_leaves_the_model(monkeypatch)
     assert [(n, type(m)) for n, m in model.named_modules()] == before[0]
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before[1]
     assert "adapter_config" not in vars(model)
+
+
+def test_lora_only_bias_on_an_embedding_trains_no_bias():
+    from families import build
+    model = add_lora(build("gpt2"), ["wte"], bias="lora_only")  # an embedding has no bias to train
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "transformer.wte.lora_embedding_A", "transformer.wte.lora_embedding_B"]
