@@ -170,9 +170,11 @@ def add_ia3(model, target_modules=None, feedforward_modules=None, modules_to_sav
     if wrong := {n: type(modules[n]).__name__ for n in chosen if targets.layer_kind(modules[n]) == "embedding"}:
         raise TypeError(f"(IA)³ wraps linear and Conv1D layers (as peft), not the embeddings {wrong}")
     feedforward = [n for n in chosen if _is_feedforward(n, feedforward_modules)]
-    if isinstance(asked_feedforward, (list, tuple, set)) and (
-            unused := [f for f in asked_feedforward if not any(n.endswith(f) for n in chosen)]):
-        raise ValueError(f"feedforward_modules {unused} end the name of no wrapped layer; the wrapped layers are "
+    regex = isinstance(asked_feedforward, str)  # below: what the caller named must mark some wrapped layer
+    if unused := [f for f in ([asked_feedforward] if regex else asked_feedforward or [])
+                  if not any(_is_feedforward(n, f if regex else [f]) for n in chosen)]:
+        raise ValueError(f"feedforward_modules {unused} mark no wrapped layer (a name must end a layer's name; a str "
+                         f"is a regular expression for whole names); the wrapped layers are "
                          f"{sorted({n.rpartition('.')[2] for n in chosen})}")
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
