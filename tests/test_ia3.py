@@ -34,12 +34,15 @@ def ours_name(peft_name: str) -> str:
 
 
 def twins(family, seed=5, **kwargs):
-    """(base, peft's IA3 model, ours) with the same random vectors around 1 (not the identity) copied in;
+    """(base with random biases, peft's IA3 model, ours) with the same random vectors around 1 copied in;
     ``kwargs`` are add_ia3's, which are peft's IA3Config's names too."""
-    base = build(family, **kwargs.pop("overrides", {}))
+    base, g = build(family, **kwargs.pop("overrides", {})), torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # biases start at zero: make them count, so that merging must scale them
+        for n, p in base.named_parameters():
+            if n.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**kwargs))
     ours = add_ia3(copy.deepcopy(base), **kwargs)
-    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in theirs.named_parameters():
             if p.requires_grad:
