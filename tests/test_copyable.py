@@ -127,6 +127,18 @@ assert torch.allclose(model(x), before, atol=1e-5)  # W_res + s B A = W
 assert pissa_to_lora(model, initial)[1].rank == 4
 init_lora(add_lora(torch.nn.Sequential(torch.nn.Linear(64, 64)), ["0"], rank=2), "loftq", iters=2)
 """),
+    "ia3": (["targets"], """
+from ia3 import add_ia3, merge_ia3
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+x = torch.randn(3, 4)
+before = model(x)
+add_ia3(model, ["0", "2"], feedforward_modules=["2"])
+assert model[0].ia3_l.shape == (8, 1) and model[2].ia3_l.shape == (1, 8)  # output of 0, input of 2
+assert torch.equal(model(x), before)  # the vectors start at ones
+torch.nn.init.uniform_(model[2].ia3_l, 0.5, 1.5)
+after = model(x)
+assert torch.allclose(merge_ia3(model)(x), after, atol=1e-6) and type(model[2]) is torch.nn.Linear
+"""),
 }
 
 
@@ -168,6 +180,8 @@ ROUND_TRIPS = {
     "prompt_tuning": (["prompt_common"], "Encoder()", "technique.PromptTuningModel(model, num_virtual_tokens=3)",
                       "prompt_encoder.embedding.weight"),
     "p_tuning": (["prompt_tuning", "prompt_common"], "Encoder()", "technique.PTuningModel(model)", "prompt_encoder.embedding.weight"),
+    "ia3": (["targets"], "nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))",
+            "technique.add_ia3(model, ['0', '2'], feedforward_modules=['2'])", "2.ia3_l"),
 }
 
 
