@@ -5,6 +5,9 @@ lora, adapters, prompt_tuning, p_tuning, prefix_tuning, nf4, qlora.
 Their helpers: targets (which layers LoRA wraps, per family), lora_layers (LoRA on embeddings), adapter_layouts
 (where each family keeps its projections), prompt_common (what the prompt methods share: peft export, T5).
 Turning an adapter off and several named LoRA adapters: multi_adapter (disable_adapter, set_adapter, ...).
+Beyond the original six (issue 21; notebooks 11 and 12 to come): dora (DoRA), ia3 ((IA)^3), loraplus (LoRA+'s
+parameter groups), lora_init (PiSSA and LoftQ initialisation), serving (a mixed batch of adapters, their sizes,
+latency).
 Loaders (models, tiny_models), data (data), the training loop (train) and adapter files (adapter_files) are separate.
 """
 
