@@ -64,11 +64,11 @@ class LoRALinear(nn.Module):
     weight = property(lambda self: self.base.weight)  # the base's, as in peft (T5's feed-forward reads wo.weight)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)  # (..., out)
-        if self.merged:
-            return result
+        return result if self.merged else (result + self.update(x)).to(result.dtype)
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:  # scaling * B (A x): (..., in) -> (..., rank) -> (..., out)
         x = x.to(self.lora_A.weight.dtype)
-        update = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling  # (..., rank) -> (..., out), no delta W
-        return (result + update).to(result.dtype)
+        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling  # no delta W is ever built
 
     def delta_weight(self) -> torch.Tensor:
         """delta W = scaling * B A, in ``base.weight``'s layout: (out, in), or (in, out) for a Conv1D base."""

@@ -47,15 +47,11 @@ class LoRAEmbedding(LoRALinear):
         self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, rank, **factory))  # (dim, rank)
         base.requires_grad_(False)  # last: a failed construction leaves the base as it was
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        result = self.base(ids)  # (..., dim)
-        if self.merged:
-            return result
+    def update(self, ids: torch.Tensor) -> torch.Tensor:  # what LoRALinear.forward adds to the lookup
         base = self.base  # the lookup with the base's own options (padding_idx, max_norm, ...)
         after_a = F.embedding(ids, self.lora_embedding_A.T, base.padding_idx, base.max_norm, base.norm_type,
                               base.scale_grad_by_freq, base.sparse)  # (..., rank): the rows A^T[token]
-        update = after_a @ self.lora_embedding_B.T * self.scaling  # (..., rank) @ (rank, dim) -> (..., dim)
-        return (result + update).to(result.dtype)
+        return after_a @ self.lora_embedding_B.T * self.scaling  # (..., rank) @ (rank, dim) -> (..., dim)
 
     def delta_weight(self) -> torch.Tensor:
         """delta W = scaling * (B A)^T, shape (num_embeddings, embedding_dim) like ``base.weight``."""

@@ -41,7 +41,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 try:
     from . import multi_adapter
@@ -51,17 +50,6 @@ except ImportError:  # copied into a project as plain files, beside lora.py and 
     from lora import LoRALinear, merge_lora
 
 BASE = "__base__"  # peft's name for the rows that get the base model
-
-
-def lora_update(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """``scaling * B (A x)``: what ``layer`` adds to its base layer's output (an embedding's: the rows of (B A)^T)."""
-    if hasattr(layer, "lora_embedding_A"):  # lora_layers.LoRAEmbedding: ids (rows, ...) -> (rows, ..., dim)
-        b = layer.base  # the lookup with the base's own options, as LoRAEmbedding.forward
-        after_a = F.embedding(x, layer.lora_embedding_A.T, b.padding_idx, b.max_norm, b.norm_type,
-                              b.scale_grad_by_freq, b.sparse)  # (rows, ..., rank)
-        return after_a @ layer.lora_embedding_B.T * layer.scaling  # (rows, ..., dim)
-    x = x.to(layer.lora_A.weight.dtype)
-    return layer.lora_B(layer.lora_A(layer.lora_dropout(x))) * layer.scaling  # (rows, ..., rank) -> (rows, ..., out)
 
 
 class MixedLoRA(nn.Module):
@@ -84,7 +72,7 @@ class MixedLoRA(nn.Module):
         result = self.base(x)  # (batch, ..., out): W x for every row
         for name, layer in self.adapters.items():
             rows = self.rows[name]  # the rows that use adapter `name`
-            result[rows] += lora_update(layer, x[rows]).to(result.dtype)  # (len(rows), ..., out)
+            result[rows] += layer.update(x[rows]).to(result.dtype)  # (len(rows), ..., out)
         return result
 
     def extra_repr(self) -> str:
