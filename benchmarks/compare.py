@@ -52,7 +52,7 @@ if __name__ == "__main__":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
-from peftkit import adapters, lora, p_tuning, prefix_tuning, prompt_tuning  # noqa: E402
+from peftkit import adapters, ia3, lora, p_tuning, prefix_tuning, prompt_tuning  # noqa: E402
 from peftkit.adapter_files import save_tensors, trainable_state_dict  # noqa: E402
 from peftkit.adapters import add_adapters  # noqa: E402
 from peftkit.data import (CausalLMCollator, data_to_text, generation_batch, slot_error_rate,  # noqa: E402
@@ -80,6 +80,8 @@ PEFT = {  # method -> (peft config class, its arguments); classification: peft t
         tokenizer_name_or_path=str(package_dir(ENCODER_PACKAGE) / "model"))),
     "P-tuning LSTM": ("PromptEncoderConfig", dict(encoder_reparameterization_type="LSTM", **P_TUNING)),
     "P-tuning MLP": ("PromptEncoderConfig", dict(encoder_reparameterization_type="MLP", **P_TUNING)),
+    "DoRA all-linear": ("LoraConfig", dict(r=8, lora_alpha=16, target_modules="all-linear", use_dora=True)),
+    "(IA)³": ("IA3Config", {}),  # peft's defaults for BERT, as peftkit's
 }
 
 
@@ -108,7 +110,8 @@ def save_trainable(model, path):  # full fine-tuning and the probe: every tensor
 SAVE = {"Houlsby adapters": adapters.save_adapter, "Pfeiffer adapters": adapters.save_adapter,
         "LoRA q/v": lora.save_adapter, "LoRA all-linear": lora.save_adapter, "QLoRA all-linear": lora.save_adapter,
         "prompt tuning": prompt_tuning.save_adapter, "P-tuning LSTM": save_exported_prompt,
-        "P-tuning MLP": save_exported_prompt}
+        "P-tuning MLP": save_exported_prompt, "DoRA all-linear": lora.save_adapter,
+        "LoRA+ all-linear": lora.save_adapter, "(IA)³": ia3.save_adapter}
 
 
 def lm_lora(quantize=False):
@@ -388,6 +391,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--memory-only", nargs=2, metavar=("TASK", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(Path(__file__).with_name("compare.json")))
+    parser.add_argument("--merge", action="store_true", help="replace or add only these methods' rows in --out "
+                        "(the rest stay as recorded; this run's environment is kept under 'merged_runs')")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_only:
@@ -431,9 +436,26 @@ def main(argv=None) -> dict:
         row["memory"] = measured
     result["environment"]["load_average_1min_at_end"] = os.getloadavg()[0]
     result["wall_seconds"] = time.perf_counter() - began
+    if args.merge:
+        result = merged(json.loads(Path(args.out).read_text()), result)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print_tables(result)
     return result
+
+
+def merged(recorded: dict, new: dict) -> dict:
+    """``recorded`` with ``new``'s rows in place of (or after) the rows of the same methods, in RECIPES' order for
+    the topic table; ``new``'s environment and settings are kept beside the methods they produced."""
+    out = dict(recorded)
+    for table in ("topic_classification", "generation"):
+        rows = {r["method"]: r for r in recorded.get(table, [])}
+        rows.update({r["method"]: r for r in new.get(table, [])})
+        order = list(RECIPES) if table == "topic_classification" else list(rows)
+        out[table] = sorted(rows.values(), key=lambda r: order.index(r["method"]) if r["method"] in order else 0)
+    out["merged_runs"] = recorded.get("merged_runs", []) + [{
+        "methods": [r["method"] for table in ("topic_classification", "generation") for r in new.get(table, [])],
+        "environment": new["environment"], "settings": new["settings"], "wall_seconds": new["wall_seconds"]}]
+    return out
 
 
 def print_tables(result):

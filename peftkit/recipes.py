@@ -35,6 +35,8 @@ import torch
 
 from .adapters import add_adapters
 from .data import ClassificationCollator, topic_splits
+from .dora import add_dora
+from .ia3 import add_ia3
 from .lora import add_lora
 from .models import load_encoder
 from .p_tuning import PTuningConfig, PTuningModel
@@ -75,6 +77,16 @@ def lora(targets, quantize: bool = False, rank: int = 8, rslora: bool = False) -
     return build
 
 
+def dora(targets, rank: int = 8) -> Callable:
+    """DoRA at LoRA's size (r=8, alpha=16): a magnitude per output on top of the same factors."""
+    return lambda model, tokenizer: add_dora(model, targets, rank=rank, alpha=16, modules_to_save=["classifier"])
+
+
+def ia3(model, tokenizer):
+    """(IA)³ at peft's defaults for BERT: rescale keys, values and the feed-forward's input to output.dense."""
+    return add_ia3(model, modules_to_save=["classifier"])
+
+
 def prompt_tuning(model, tokenizer):
     return PromptTuningModel(model, num_virtual_tokens=NUM_VIRTUAL_TOKENS, init="text", init_text=PROMPT_TEXT,
                              tokenizer=tokenizer)
@@ -97,6 +109,7 @@ class Recipe:
     batch_size: int = 16
     max_length: int = 16  # tokens per utterance (the median is 9)
     searches_head: bool = False  # the linear probe: its only rate is the head's
+    lr_scale: tuple = ()  # (module name, factor) pairs: rate multipliers inside the technique (LoRA+: lora_B x 16)
 
     def collate(self, tokenizer) -> ClassificationCollator:
         return ClassificationCollator(tokenizer, self.max_length)
@@ -104,6 +117,7 @@ class Recipe:
 
 HEAD_LR = 1e-2  # the head of every other method: the probe's rate under the first protocol (early stopping)
 GRID = (3e-4, 1e-3, 3e-3, 1e-2)  # adapters, LoRA, P-tuning: a decade and a half
+LORAPLUS_RATIO = 16  # B's rate over A's: Hayou et al.'s recommendation (2**4), peft's loraplus_lr_ratio
 RECIPES = {
     "full fine-tuning": Recipe(full_fine_tuning, lr=0.0001, head_lr=HEAD_LR, lr_grid=(1e-5, 3e-5, 1e-4, 3e-4)),
     "linear probe": Recipe(linear_probe, lr=0.003, head_lr=0.003, lr_grid=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
@@ -116,6 +130,11 @@ RECIPES = {
     "P-tuning LSTM": Recipe(p_tuning("lstm"), lr=0.001, head_lr=HEAD_LR, lr_grid=GRID),
     "P-tuning MLP": Recipe(p_tuning("mlp"), lr=0.001, head_lr=HEAD_LR, lr_grid=GRID),
     "QLoRA all-linear": Recipe(lora("all-linear", quantize=True), lr=0.001, head_lr=HEAD_LR, lr_grid=GRID),
+    # issue 21: beyond the original six (notebook 11)
+    "DoRA all-linear": Recipe(dora("all-linear"), lr=0.001, head_lr=HEAD_LR, lr_grid=GRID),
+    "LoRA+ all-linear": Recipe(lora("all-linear"), lr=0.0001, head_lr=HEAD_LR, lr_grid=(3e-5, 1e-4, 3e-4, 1e-3),
+                               lr_scale=(("lora_B", LORAPLUS_RATIO),)),
+    "(IA)³": Recipe(ia3, lr=0.01, head_lr=HEAD_LR, lr_grid=(1e-3, 3e-3, 1e-2, 3e-2)),
 }
 
 
@@ -134,9 +153,9 @@ def train(model, tokenizer, recipe: Recipe, splits=None, *, seed: int = 0, lr: f
     (default ``topic_splits()``); ``lr``, ``head_lr``, ``max_epochs`` and ``batch_size`` override the
     recipe (the search, a notebook's smaller budget, or the per-rank batch under DDP); ``fit_options``
     go to ``fit`` as they are (``weight_decay``, ``lr_scale``, ``patience``: the pitfalls notebook's
-    remedies)."""
+    remedies; a recipe's own ``lr_scale``, LoRA+'s, is the default)."""
     splits = topic_splits() if splits is None else splits
-    fit_options = {"patience": recipe.patience, **fit_options}
+    fit_options = {"patience": recipe.patience, "lr_scale": dict(recipe.lr_scale) or None, **fit_options}
     return fit(model, splits["train"], recipe.collate(tokenizer), splits["validation"],
                epochs=max_epochs or recipe.max_epochs, batch_size=batch_size or recipe.batch_size,
                lr=lr or recipe.lr, head_lr=head_lr or recipe.head_lr, seed=seed,

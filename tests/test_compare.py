@@ -98,3 +98,18 @@ def test_previous_job_times_order_the_next_run(compare, tmp_path):
     assert compare.job_seconds_of(path) == {(True, "LoRA q/v"): 50.0, (True, "linear probe"): 14.0,
                                             (False, "LoRA q/v"): 30.0}
     assert compare.job_seconds_of(tmp_path / "missing.json") == {}
+
+
+def test_merge_replaces_and_adds_rows_in_the_recipes_order(compare):
+    recorded = {"environment": {"cpu": "old"}, "topic_classification": [{"method": "linear probe", "v": 1},
+                                                                       {"method": "LoRA q/v", "v": 1}],
+                "generation": [{"method": "prefix-tuning", "v": 1}]}
+    new = {"environment": {"cpu": "new"}, "settings": {}, "wall_seconds": 5.0, "generation": [],
+           "topic_classification": [{"method": "(IA)³", "v": 2}, {"method": "LoRA q/v", "v": 2},
+                                    {"method": "full fine-tuning", "v": 2}]}
+    out = compare.merged(recorded, new)
+    assert [(r["method"], r["v"]) for r in out["topic_classification"]] == [
+        ("full fine-tuning", 2), ("linear probe", 1), ("LoRA q/v", 2), ("(IA)³", 2)]
+    assert out["generation"] == recorded["generation"] and out["environment"] == {"cpu": "old"}
+    assert out["merged_runs"][0]["methods"] == ["(IA)³", "LoRA q/v", "full fine-tuning"]
+    assert compare.merged(out, new)["merged_runs"][1]["environment"] == {"cpu": "new"}

@@ -234,3 +234,24 @@ def test_results_table_reads_the_recorded_rows_under_the_yardsticks():
     assert table[-1].endswith("0.700") and table[1].endswith("-")
     with pytest.raises(KeyError, match="recorded methods"):
         results_table(["LoRA r=3"])
+
+
+def test_a_recipes_lr_scale_reaches_fit_and_can_be_overridden(monkeypatch):
+    """LoRA+ is LoRA all-linear with B at 16x A's rate: the recipe hands fit its lr_scale."""
+    seen = []
+    monkeypatch.setattr(recipes, "fit", lambda *args, **kwargs: seen.append(kwargs))
+    small = {k: v.select(range(4)) for k, v in topic_splits().items()}
+    for name in ("LoRA+ all-linear", "LoRA all-linear"):
+        recipes.train(None, None, recipes.RECIPES[name], small)
+    recipes.train(None, None, recipes.RECIPES["LoRA+ all-linear"], small, lr_scale={"lora_B": 4})
+    assert [k["lr_scale"] for k in seen] == [{"lora_B": recipes.LORAPLUS_RATIO}, None, {"lora_B": 4}]
+    assert recipes.RECIPES["LoRA+ all-linear"].build is not recipes.RECIPES["DoRA all-linear"].build
+
+
+@pytest.mark.parametrize("name, kind", [("DoRA all-linear", "DoRALinear"), ("(IA)³", "IA3Linear")])
+def test_the_issue_21_recipes_build_their_technique(tiny, name, kind):
+    model = recipes.RECIPES[name].build(tiny, None)
+    wrapped = [n for n, m in model.named_modules() if type(m).__name__ == kind]
+    trained = {n.split(".")[-1] for n, p in model.named_parameters() if p.requires_grad}
+    assert wrapped and "classifier" in {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trained <= {"lora_A", "lora_B", "weight", "bias", "lora_magnitude_vector", "ia3_l"}
