@@ -132,9 +132,9 @@ RECIPES = {
     "QLoRA all-linear": Recipe(lora("all-linear", quantize=True), lr=0.001, head_lr=HEAD_LR, lr_grid=GRID),
     # issue 21: beyond the original six (notebook 11)
     "DoRA all-linear": Recipe(dora("all-linear"), lr=0.001, head_lr=HEAD_LR, lr_grid=GRID),
-    "LoRA+ all-linear": Recipe(lora("all-linear"), lr=0.0001, head_lr=HEAD_LR, lr_grid=(3e-5, 1e-4, 3e-4, 1e-3),
+    "LoRA+ all-linear": Recipe(lora("all-linear"), lr=0.0003, head_lr=HEAD_LR, lr_grid=(3e-5, 1e-4, 3e-4, 1e-3),
                                lr_scale=(("lora_B", LORAPLUS_RATIO),)),
-    "(IA)³": Recipe(ia3, lr=0.01, head_lr=HEAD_LR, lr_grid=(1e-3, 3e-3, 1e-2, 3e-2)),
+    "(IA)³": Recipe(ia3, lr=0.001, head_lr=HEAD_LR, lr_grid=(1e-3, 3e-3, 1e-2, 3e-2)),
 }
 
 
