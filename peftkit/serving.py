@@ -36,7 +36,7 @@ This file needs ``lora.py`` and ``multi_adapter.py`` beside it, with the files t
 import os
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -179,30 +179,41 @@ def adapter_bytes(model_or_path) -> dict:
 
 
 # --- latency: the same call served four ways ---
-def _median_seconds(call, repeats: int, warmup: int, device: torch.device) -> float:
-    times = []
-    for i in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # GPU work is asynchronous: wait for it before reading the clock
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _seconds(call, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # GPU work is asynchronous: wait for it before reading the clock
+    return time.perf_counter() - start
+
+
+@contextmanager
+def _merged(model: nn.Module):
+    """The active adapter merged into W for the block; W itself is put back after (not W + dW - dW)."""
+    active = _adapters(model)[multi_adapter.active_adapter(model)].layers.values()
+    weights = [layer.base.weight.clone() for layer in active]
+    try:
+        merge_lora(model, unload=False)
+        yield
+    finally:
+        for layer, weight in zip(active, weights):
+            layer.base.weight.copy_(weight)
+            layer.merged = False
 
 
 def latency(model: nn.Module, adapter_names, call, repeats: int = 20, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of ``call()`` (e.g. ``lambda: model(**batch)``) over ``repeats`` runs after ``warmup`` runs,
-    with the model served four ways on the same inputs:
+    """Median seconds of ``call()`` (e.g. ``lambda: model(**batch)``) over ``repeats`` rounds after ``warmup``
+    rounds, with the model served four ways on the same inputs:
 
         "base"       disable_adapter: no adapter at all
         "unmerged"   the active adapter, y = W x + scaling * B (A x)
         "merged"     the active adapter merged into W (its weights are put back bit for bit after)
         "mixed"      mixed_batch(model, adapter_names): each row its own adapter
 
-    Under ``torch.no_grad()``. The model comes back as it was. Timings on a shared CPU vary: compare medians."""
+    The four take turns in every round, so that a busy moment on a shared machine slows each of them alike.
+    Under ``torch.no_grad()``. The model comes back as it was."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats is a positive int such as 20, got {repeats!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -211,20 +222,14 @@ def latency(model: nn.Module, adapter_names, call, repeats: int = 20, warmup: in
         raise TypeError(f"call is a function of no arguments, such as lambda: model(**batch); got {call!r}")
     _check_names(model, adapter_names)
     device = next(model.parameters()).device
-    active = _adapters(model)[multi_adapter.active_adapter(model)].layers.values()
-    timings = {}
+    ways = {"base": lambda: multi_adapter.disable_adapter(model), "unmerged": nullcontext,
+            "merged": lambda: _merged(model), "mixed": lambda: mixed_batch(model, adapter_names)}
+    times = {way: [] for way in ways}
     with torch.no_grad():
-        with multi_adapter.disable_adapter(model):
-            timings["base"] = _median_seconds(call, repeats, warmup, device)
-        timings["unmerged"] = _median_seconds(call, repeats, warmup, device)
-        weights = [layer.base.weight.clone() for layer in active]
-        try:
-            merge_lora(model, unload=False)
-            timings["merged"] = _median_seconds(call, repeats, warmup, device)
-        finally:
-            for layer, weight in zip(active, weights):
-                layer.base.weight.copy_(weight)  # W itself, not W + dW - dW
-                layer.merged = False
-        with mixed_batch(model, adapter_names):
-            timings["mixed"] = _median_seconds(call, repeats, warmup, device)
-    return timings
+        for round_ in range(warmup + repeats):
+            for way, served in ways.items():
+                with served():
+                    seconds = _seconds(call, device)
+                if round_ >= warmup:
+                    times[way].append(seconds)
+    return {way: statistics.median(t) for way, t in times.items()}

@@ -197,3 +197,18 @@ def test_latency_times_four_ways_and_leaves_the_model_as_it_was():
     with pytest.raises(RuntimeError, match="boom"):
         latency(model, NAMES, fails_while_merged, repeats=1, warmup=0)
     assert_unchanged(model, before)  # a failure while merged restores W too
+
+
+def test_latency_serves_the_four_ways_in_turns():
+    """Round after round, base, unmerged, merged, mixed: load on a shared machine slows each alike."""
+    model, batch = two_adapters("llama"), inputs("llama", batch=4)
+    seen = []
+
+    def call():
+        layers = list(model.modules())
+        seen.append("mixed" if any(isinstance(m, MixedLoRA) for m in layers) else
+                    "merged" if any(getattr(m, "merged", False) for m in layers) else "other")
+        model(**batch)
+
+    latency(model, NAMES, call, repeats=2, warmup=1)
+    assert seen == ["other", "other", "merged", "mixed"] * 3
