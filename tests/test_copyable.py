@@ -24,7 +24,7 @@ class OnlyTorch(importlib.abc.MetaPathFinder):
         top = name.split(".")[0]
         if top in loaded or top in sys.stdlib_module_names or (here / f"{top}.py").exists() or top in ALLOWED:
             return None
-        raise ModuleNotFoundError(f"No module named {name!r} (only torch and the standard library here)")
+        raise ModuleNotFoundError(f"No module named {name!r} (only torch and the standard library here)", name=name)
 
 sys.meta_path.insert(0, OnlyTorch())
 sys.path.insert(0, str(here))
@@ -43,7 +43,7 @@ assert type(model[0]).__name__ == "LoRAEmbedding" and type(model[1]).__name__ ==
 assert torch.equal(model(x), before)  # A (embedding) and B (linear) start at zero
 merge_lora(model)
 """),
-    "dora": (["lora", "targets"], """
+    "dora": (["lora", "targets", "lora_files"], """
 from dora import add_dora, merge_lora
 model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
 x = torch.randn(3, 4)
@@ -76,7 +76,7 @@ from nf4 import quantize_nf4
 w = torch.randn(8, 64)
 assert (quantize_nf4(w).dequantize() - w).abs().max() < 0.5
 """),
-    "multi_adapter": (["lora", "targets", "lora_layers", "adapters", "adapter_layouts"], """
+    "multi_adapter": (["lora", "lora_files", "targets", "lora_layers", "adapters", "adapter_layouts"], """
 from lora import add_lora
 from multi_adapter import active_adapter, add_named_adapter, disable_adapter, set_adapter
 model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -89,7 +89,7 @@ assert active_adapter(model) == "b" and not torch.equal(model(x), base)
 with disable_adapter(model):
     assert torch.equal(model(x), base)
 """),
-    "serving": (["lora", "multi_adapter", "targets", "lora_layers", "adapters", "adapter_layouts"], """
+    "serving": (["lora", "multi_adapter", "lora_files", "targets", "lora_layers", "adapters", "adapter_layouts"], """
 from multi_adapter import add_named_adapter, set_adapter
 from serving import adapter_bytes, mixed_forward
 model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
@@ -109,7 +109,7 @@ model.add_module("lora_B", torch.nn.Linear(2, 4, bias=False))
 groups = loraplus_param_groups(model, lr=1e-3, ratio=16, weight_decay=0.1)
 assert [len(g["params"]) for g in groups] == [1, 0, 1, 3] and groups[2]["lr"] == 16e-3  # A, embedding, B, no decay
 """),
-    "qlora": (["lora", "targets", "nf4"], """
+    "qlora": (["lora", "nf4"], """
 from lora import add_lora
 from qlora import prepare_for_qlora
 model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
@@ -127,7 +127,7 @@ assert torch.allclose(model(x), before, atol=1e-5)  # W_res + s B A = W
 assert pissa_to_lora(model, initial)[1].rank == 4
 init_lora(add_lora(torch.nn.Sequential(torch.nn.Linear(64, 64)), ["0"], rank=2), "loftq", iters=2)
 """),
-    "ia3": (["targets"], """
+    "ia3": (["targets", "lora"], """
 from ia3 import add_ia3, merge_ia3
 model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
 x = torch.randn(3, 4)
@@ -173,14 +173,14 @@ class Encoder(nn.Module):  # what the prompt methods call: input embeddings, and
 
 # technique file -> (siblings, what to build, a parameter that trains)
 ROUND_TRIPS = {
-    "lora": (["targets"], "nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))",
+    "lora": (["lora_files"], "nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))",
              "technique.add_lora(model, ['0'], rank=2, alpha=4)", "0.lora_B.weight"),
     "adapters": (["adapter_layouts"], "nn.ModuleDict({'layer': bert_layer()})", "technique.add_adapters(model, 'pfeiffer')",
                  "layer.output.dense.adapter.adapter_up.weight"),
     "prompt_tuning": (["prompt_common"], "Encoder()", "technique.PromptTuningModel(model, num_virtual_tokens=3)",
                       "prompt_encoder.embedding.weight"),
     "p_tuning": (["prompt_tuning", "prompt_common"], "Encoder()", "technique.PTuningModel(model)", "prompt_encoder.embedding.weight"),
-    "ia3": (["targets"], "nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))",
+    "ia3": (["targets", "lora"], "nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))",
             "technique.add_ia3(model, ['0', '2'], feedforward_modules=['2'])", "2.ia3_l"),
 }
 
