@@ -1,4 +1,4 @@
-"""Where bottleneck adapters go in each model family: the layer layouts ``adapters.py`` reads.
+"""Where bottleneck adapters go in the families beyond BERT and Llama, and AdapterHub's other placement.
 
 A transformer layer ends each sublayer (attention, feed-forward) with a projection back to the
 hidden size d; an adapter follows that projection. Families name these modules differently, and
@@ -20,24 +20,28 @@ T5, GPT-2 and Llama normalise before each sublayer, so "houlsby" trains those no
 
 A layer is recognised by structure (all of its layout's paths exist), so related models (Mistral
 and Qwen use Llama's names, XLM-RoBERTa BERT's) work too; errors name ``config.model_type``.
+
+AdapterHub's ``original_ln_before`` (BERT only: Llama has no norm after its residual add) places the adapter:
+- False (the default; AdapterHub's DoubleSeqBnConfig, Houlsby): LN(x + adapter(h)), h taken before the block's
+  dropout (AdapterHub: after; the same at evaluation).
+- True (AdapterHub's SeqBnConfig, Pfeiffer): the adapter reads y = LN(x + h), skips from h, and the same LN
+  follows again: LN(x + h + W_up f(W_down y + b_down) + b_up) (``AdaptedBlockAfterNorm`` below). The course's
+  "pfeiffer" recipe keeps the default, with which its numbers were recorded; benchmarks/adapter_placement.py
+  measures this one.
+
+``adapters.py`` holds BERT's and Llama's layouts and reads this file when it is beside it; this file needs
+``adapters.py`` beside it (for ``Layout`` and ``AdaptedSublayer``).
 """
 
-from dataclasses import dataclass
-
-from torch import nn
-
-
-@dataclass(frozen=True)
-class Layout:
-    attention: str | None    # the projection closing the attention sublayer (None: not a module)
-    feed_forward: str        # the projection closing the feed-forward sublayer
-    norms: tuple             # the layer's norms, which "houlsby" trains
-    output_blocks: bool = False  # BERT: each projection sits in a (dense, dropout, LayerNorm) block
-
+try:
+    from . import adapters
+    from .adapters import AdaptedSublayer, Layout
+except ImportError:  # copied into a project as plain files, beside adapters.py
+    import adapters
+    from adapters import AdaptedSublayer, Layout
 
 LAYOUTS = {
-    "bert": Layout("attention.output.dense", "output.dense", ("attention.output.LayerNorm", "output.LayerNorm"),
-                   output_blocks=True),
+    **adapters.LAYOUTS,  # bert, llama
     "albert": Layout("attention.dense", "ffn_output", ("attention.LayerNorm", "full_layer_layer_norm")),
     "xlnet": Layout(None, "ff.layer_2", ("rel_attn.layer_norm", "ff.layer_norm")),
     "t5-encoder": Layout("layer.0.SelfAttention.o", "layer.1.DenseReluDense.wo",
@@ -45,16 +49,18 @@ LAYOUTS = {
     "t5-decoder": Layout("layer.0.SelfAttention.o", "layer.2.DenseReluDense.wo",
                          ("layer.0.layer_norm", "layer.1.layer_norm", "layer.2.layer_norm")),
     "gpt2": Layout("attn.c_proj", "mlp.c_proj", ("ln_1", "ln_2")),
-    "llama": Layout("self_attn.o_proj", "mlp.down_proj", ("input_layernorm", "post_attention_layernorm")),
 }
 # The families checked in tests/test_matrix.py (config.model_type -> its layouts).
-FAMILIES = {"bert": ("bert",), "roberta": ("bert",), "electra": ("bert",), "albert": ("albert",),
-            "xlnet": ("xlnet",), "t5": ("t5-encoder", "t5-decoder"), "gpt2": ("gpt2",), "llama": ("llama",)}
+FAMILIES = {**adapters.FAMILIES, "albert": ("albert",), "xlnet": ("xlnet",), "t5": ("t5-encoder", "t5-decoder"),
+            "gpt2": ("gpt2",)}
 
 
-def model_type(model: nn.Module) -> str:
-    """The family's name as transformers spells it (config.model_type), else the class name."""
-    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+class AdaptedBlockAfterNorm(AdaptedSublayer):
+    """original_ln_before=True: a BERT block LN(input + dropout(dense(x))) with the adapter after its LN."""
+    def forward(self, hidden_states, input_tensor):
+        h = self.base.dropout(self.base.dense(hidden_states))
+        y = self.base.LayerNorm(h + input_tensor)  # the block's usual output, read by the adapter
+        return self.base.LayerNorm(self.adapter(y, skip=h) + input_tensor)
 
 
 def supporting(sublayer: str) -> list[str]:
@@ -62,23 +68,14 @@ def supporting(sublayer: str) -> list[str]:
     return sorted(f for f, names in FAMILIES.items() if all(getattr(LAYOUTS[n], sublayer) for n in names))
 
 
-def hidden_size(projection: nn.Module) -> int | None:
-    """The output size of a projection: ``out_features`` (nn.Linear, NF4Linear) or ``nf`` (GPT-2's Conv1D)."""
-    size = getattr(projection, "out_features", getattr(projection, "nf", None))
-    return size if isinstance(size, int) else None
-
-
-def find_layers(model: nn.Module) -> list[tuple[str, nn.Module, Layout]]:
-    """[(name, layer, layout), ...]: the transformer layers adapters can be placed in.
-
-    ``named_modules`` lists a shared module once, so ALBERT's one layer comes back once."""
-    found, looked_for = [], []
-    for name, layout in LAYOUTS.items():
-        paths = [p for p in (layout.attention, layout.feed_forward, *layout.norms) if p]
-        found += [(n, m, layout) for n, m in model.named_modules() if set(paths) <= {k for k, _ in m.named_modules()}]
-        looked_for.append(f"{name}: a layer with {', '.join(paths)}")
-    if not found:
-        raise ValueError(f"cannot place adapters in {type(model).__name__} (family {model_type(model)!r}): found no "
-                         f"transformer layer of a supported family ({', '.join(sorted(FAMILIES))}). "
-                         f"Looked for {'; '.join(looked_for)}.")
-    return found
+def check_placement(layers, sublayers, config, family: str) -> None:
+    """Refuse an adapter after a sublayer that ``layers`` keep as a parameter (XLNet's attention output), and
+    ``original_ln_before`` where no (dense, dropout, LayerNorm) block closes a sublayer."""
+    for sublayer in sublayers:
+        if any(getattr(layout, sublayer) is None for _, _, layout in layers):
+            raise ValueError(f"{config.placement!r} places an adapter after the {sublayer} output projection, which "
+                             f"{family} keeps as a parameter, not a module; families it supports: "
+                             f"{supporting(sublayer)}; 'pfeiffer' (feed-forward only) works on it")
+    if config.original_ln_before and not all(layout.output_blocks for _, _, layout in layers):
+        raise ValueError(f"original_ln_before=True needs a LayerNorm after the residual add: {family} has none in "
+                         f"a (dense, dropout, LayerNorm) block; families that do: bert, electra, roberta")

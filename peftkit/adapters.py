@@ -1,9 +1,8 @@
 """Bottleneck adapters (Houlsby and Pfeiffer), built from scratch.
 
-Papers: Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP"
-(https://arxiv.org/abs/1902.00751): two adapters per layer, within 0.4% of full fine-tuning
-on GLUE with about 3.6% of the parameters per task. Pfeiffer et al. 2021, "AdapterFusion"
-(https://arxiv.org/abs/2005.00247): one adapter per layer, after the feed-forward block.
+Papers: Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP" (arXiv:1902.00751): two adapters
+per layer, within 0.4% of full fine-tuning on GLUE with about 3.6% of the parameters per task. Pfeiffer et al.
+2021, "AdapterFusion" (arXiv:2005.00247): one adapter per layer, after the feed-forward block.
 
 Equation: an adapter maps the output h (size d) of a sublayer to
 
@@ -15,21 +14,14 @@ so training starts from the pre-trained model's behaviour.
 
 Where: "houlsby" after attention and after the feed-forward block of every layer (the layer's
 norms train too, as in the paper); "pfeiffer" after the feed-forward block only. A BERT block
-with input x and output h computes LN(x + h); AdapterHub's original_ln_before places the adapter:
-- False (the default; AdapterHub's DoubleSeqBnConfig, Houlsby): LN(x + adapter(h)), h taken
-  before the block's dropout (AdapterHub: after; the same at evaluation).
-- True (AdapterHub's SeqBnConfig, Pfeiffer): the adapter reads y = LN(x + h), skips from h, and
-  the same LN follows again: LN(x + h + W_up f(W_down y + b_down) + b_up). BERT only: Llama has
-  no norm after its residual add. The course's "pfeiffer" recipe keeps the default, with which
-  its numbers were recorded; benchmarks/adapter_placement.py measures this one.
-In Llama, "houlsby" trains the RMSNorms in front of each sublayer. Families: BERT, RoBERTa, ALBERT
-(one shared layer, hence one shared set of adapters), ELECTRA, XLNet ("pfeiffer" only), T5 (encoder
-and decoder blocks), GPT-2 (Conv1D) and Llama; where each keeps its projections is in
-``adapter_layouts.py``, which this file needs beside it.
+with input x and output h computes LN(x + h); the adapter reads h before the block's dropout:
+LN(x + adapter(h)) (AdapterHub's default; ``original_ln_before=True``, its other placement, is in
+``adapter_layouts.py``). In Llama, "houlsby" trains the RMSNorms in front of each sublayer.
+This file needs only torch for BERT-like (BERT, RoBERTa, ELECTRA) and Llama-like layers; beside it,
+``adapter_layouts.py`` adds ALBERT, XLNet, T5 and GPT-2, and ``adapter_files.py`` saves (each named if missing).
 
-Trained: the adapters (plus the layers' norms for "houlsby", plus any modules_to_save).
-Frozen: everything else. Unlike LoRA, an adapter cannot be merged into the base weights
-(f is non-linear), so it costs a little extra time at inference.
+Trained: the adapters (plus the layers' norms for "houlsby", plus any modules_to_save); frozen: everything else.
+Unlike LoRA, an adapter cannot be merged into the base weights (f is non-linear): it costs a little inference time.
 
     add_adapters(model, "houlsby", reduction_factor=16, modules_to_save=["classifier"])
     ...train...
@@ -38,16 +30,12 @@ Frozen: everything else. Unlike LoRA, an adapter cannot be merged into the base 
     remove_adapters(model)                             # the original projections again
 """
 
+import importlib
 from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 import torch
 from torch import nn
-
-try:
-    from . import adapter_layouts
-except ImportError:  # this file was copied into a project, beside adapter_layouts.py
-    import adapter_layouts
 
 NON_LINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "swish": nn.SiLU}
 
@@ -65,8 +53,7 @@ class BottleneckAdapter(nn.Module):
         self.adapter_down = nn.Linear(hidden_size, self.bottleneck_size)
         self.non_linearity = NON_LINEARITIES[non_linearity]()
         self.adapter_up = nn.Linear(self.bottleneck_size, hidden_size)
-        # Small weights keep W_up f(W_down h) tiny, so the adapter starts as (almost) the identity;
-        # both are non-zero so that both receive a gradient from the first step.
+        # Small weights: the adapter starts near the identity; both non-zero, so both get a gradient at once
         for linear in (self.adapter_down, self.adapter_up):
             nn.init.normal_(linear.weight, std=init_std)
             nn.init.zeros_(linear.bias)
@@ -91,14 +78,6 @@ class AdaptedSublayer(nn.Module):
         return self.base.weight
 
 
-class AdaptedBlockAfterNorm(AdaptedSublayer):
-    """original_ln_before=True: a BERT block LN(input + dropout(dense(x))) with the adapter after its LN."""
-    def forward(self, hidden_states, input_tensor):
-        h = self.base.dropout(self.base.dense(hidden_states))
-        y = self.base.LayerNorm(h + input_tensor)  # the block's usual output, read by the adapter
-        return self.base.LayerNorm(self.adapter(y, skip=h) + input_tensor)
-
-
 def bottleneck_size(hidden_size: int, reduction_factor: float) -> int:
     """m = hidden_size / reduction_factor, which must come out a whole number >= 1."""
     _check_reduction_factor(reduction_factor)
@@ -111,6 +90,52 @@ def bottleneck_size(hidden_size: int, reduction_factor: float) -> int:
 
 
 # --- injecting into a model ---
+@dataclass(frozen=True)
+class Layout:  # where a family's transformer layer keeps what adapters need, as paths inside the layer
+    attention: str | None    # the projection closing the attention sublayer (None: not a module)
+    feed_forward: str        # the projection closing the feed-forward sublayer
+    norms: tuple             # the layer's norms, which "houlsby" trains
+    output_blocks: bool = False  # BERT: each projection sits in a (dense, dropout, LayerNorm) block
+
+
+# BERT-like and Llama-like layers (Mistral, Qwen, XLM-RoBERTa too); adapter_layouts.py has the other families.
+LAYOUTS = {"bert": Layout("attention.output.dense", "output.dense", ("attention.output.LayerNorm", "output.LayerNorm"),
+                          output_blocks=True),
+           "llama": Layout("self_attn.o_proj", "mlp.down_proj", ("input_layernorm", "post_attention_layernorm"))}
+FAMILIES = {"bert": ("bert",), "roberta": ("bert",), "electra": ("bert",), "llama": ("llama",)}  # model_type: layouts
+
+
+def _sibling(name: str, needed_for: str | None = None):  # adapter_layouts.py, adapter_files.py, if beside this file
+    try:
+        return importlib.import_module(f".{name}", __package__) if __package__ else importlib.import_module(name)
+    except ModuleNotFoundError as err:  # that file is missing (not one it imports): None, or say which to copy
+        if err.name not in (name, f"{__package__}.{name}"):
+            raise
+        if needed_for:
+            raise ModuleNotFoundError(f"{needed_for} needs {name}.py beside adapters.py", name=name) from err
+
+
+def _family(model: nn.Module) -> str:  # config.model_type, as transformers spells it
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+
+
+def find_layers(model: nn.Module) -> list[tuple[str, nn.Module, Layout]]:
+    """[(name, layer, layout), ...]: the layers adapters can go in, known by structure (all the layout's paths)."""
+    others = _sibling("adapter_layouts")  # every family's layouts, if that file is beside this one
+    layouts, families = (others.LAYOUTS, others.FAMILIES) if others else (LAYOUTS, FAMILIES)
+    found, looked_for = [], []
+    for name, layout in layouts.items():
+        paths = [p for p in (layout.attention, layout.feed_forward, *layout.norms) if p]
+        found += [(n, m, layout) for n, m in model.named_modules() if set(paths) <= {k for k, _ in m.named_modules()}]
+        looked_for.append(f"{name}: a layer with {', '.join(paths)}")
+    if not found:  # (named_modules lists a shared module once: ALBERT's one layer comes back once)
+        more = "" if others else "; albert, gpt2, t5 and xlnet need adapter_layouts.py beside adapters.py"
+        raise ValueError(f"cannot place adapters in {type(model).__name__} (family {_family(model)!r}): found no "
+                         f"transformer layer of a supported family ({', '.join(sorted(families))}{more}). "
+                         f"Looked for {'; '.join(looked_for)}.")
+    return found
+
+
 # Which sublayers of each transformer layer get an adapter, and whether the layer's norms train.
 PLACEMENTS = {"houlsby": {"sublayers": ("attention", "feed_forward"), "train_norms": True},
               "pfeiffer": {"sublayers": ("feed_forward",), "train_norms": False}}
@@ -162,11 +187,9 @@ def _modules_to_save(model: nn.Module, targets) -> dict[str, nn.Module]:
 
 
 def add_adapters(model: nn.Module, config="houlsby", **overrides) -> nn.Module:
-    """Wrap the chosen projections of every layer with adapters and freeze the rest, in place.
-
-    ``config`` is a placement name ("houlsby" or "pfeiffer") or an AdapterConfig; keyword
-    arguments (reduction_factor, non_linearity, init_std, modules_to_save, original_ln_before)
-    override its fields. The config used is kept as ``model.adapter_config``."""
+    """Wrap the chosen projections of every layer with adapters and freeze the rest, in place. ``config`` is a
+    placement name ("houlsby" or "pfeiffer") or an AdapterConfig; keyword arguments (reduction_factor, non_linearity,
+    init_std, modules_to_save, original_ln_before) override its fields. It is kept as ``model.adapter_config``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"add_adapters needs a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, (str, AdapterConfig)):
@@ -177,15 +200,11 @@ def add_adapters(model: nn.Module, config="houlsby", **overrides) -> nn.Module:
         raise ValueError(f"this model already carries {carried} (model.adapter_config): one technique per model")
     if carried or any(isinstance(m, AdaptedSublayer) for m in model.modules()):
         raise ValueError("this model already has adapters: call remove_adapters(model) before adding again")
-    layers, family = adapter_layouts.find_layers(model), adapter_layouts.model_type(model)
-    for sublayer in PLACEMENTS[config.placement]["sublayers"]:
-        if any(getattr(layout, sublayer) is None for _, _, layout in layers):
-            raise ValueError(f"{config.placement!r} places an adapter after the {sublayer} output projection, which "
-                             f"{family} keeps as a parameter, not a module; families it supports: "
-                             f"{adapter_layouts.supporting(sublayer)}; 'pfeiffer' (feed-forward only) works on it")
-    if config.original_ln_before and not all(layout.output_blocks for _, _, layout in layers):
-        raise ValueError(f"original_ln_before=True needs a LayerNorm after the residual add: {family} has none in "
-                         f"a (dense, dropout, LayerNorm) block; families that do: bert, electra, roberta")
+    layers = find_layers(model)
+    if others := _sibling("adapter_layouts"):  # XLNet's attention output is a parameter; original_ln_before: BERT's
+        others.check_placement(layers, PLACEMENTS[config.placement]["sublayers"], config, _family(model))
+    elif config.original_ln_before:
+        _sibling("adapter_layouts", "original_ln_before")
     to_save = _modules_to_save(model, config.modules_to_save)
     # Build every wrapper before touching the model, so a bad reduction factor changes nothing.
     plan = []
@@ -193,7 +212,7 @@ def add_adapters(model: nn.Module, config="houlsby", **overrides) -> nn.Module:
         for sublayer in PLACEMENTS[config.placement]["sublayers"]:
             path = getattr(layout, sublayer)
             base = layer.get_submodule(path)
-            if (size := adapter_layouts.hidden_size(base)) is None:
+            if not isinstance(size := getattr(base, "out_features", getattr(base, "nf", None)), int):  # nf: Conv1D
                 raise ValueError(f"{path} is a {type(base).__name__} without an int out_features (the hidden size)")
             adapter = BottleneckAdapter(size, config.reduction_factor, config.non_linearity, config.init_std)
             weight = getattr(base, "weight", None)  # a tensor, or a 4-bit peftkit.nf4.NF4Tensor
@@ -202,7 +221,7 @@ def add_adapters(model: nn.Module, config="houlsby", **overrides) -> nn.Module:
                 adapter.to(weight.device, weight.dtype if floating else torch.float32)
             if config.original_ln_before:  # wrap the projection's block: dense, dropout, residual add, LayerNorm
                 path = path.rsplit(".", 1)[0]
-            kind = AdaptedBlockAfterNorm if config.original_ln_before else AdaptedSublayer
+            kind = others.AdaptedBlockAfterNorm if config.original_ln_before else AdaptedSublayer  # (checked above)
             plan.append((layer, path, kind(layer.get_submodule(path), adapter)))
 
     trained = [wrapped.adapter for _, _, wrapped in plan] + list(to_save.values())
@@ -235,10 +254,8 @@ def _unwrap(model: nn.Module, requires_grad: dict) -> None:
 
 
 def remove_adapters(model: nn.Module) -> nn.Module:
-    """Put the original projections back and restore each parameter's requires_grad, in place.
-
-    Norms ("houlsby") and modules_to_save keep the values they were trained to: they are
-    the model's own modules, not wrappers, so save them (save_adapter) to keep both versions."""
+    """Put the original projections back and restore each parameter's requires_grad, in place. Norms ("houlsby")
+    and modules_to_save keep their trained values (the model's own modules): save_adapter keeps both versions."""
     if not any(isinstance(m, AdaptedSublayer) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} has no adapters to remove")
     _unwrap(model, vars(model).get("_peftkit_adapters", {}).get("requires_grad", {}))
@@ -246,17 +263,8 @@ def remove_adapters(model: nn.Module) -> nn.Module:
 
 
 # --- saving ---
-def _adapter_files():  # adapter_files.py (and safetensors) do the saving; the technique needs only torch
-    try:
-        from . import adapter_files
-    except ImportError:  # this file was copied into a project, beside adapter_files.py
-        import adapter_files
-    return adapter_files
-
-
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What the technique trains, hence what a file holds: the adapters, the norms
-    ("houlsby") and the modules_to_save -- by default, every parameter with requires_grad."""
+    """What the technique trains, what a file holds: the adapters, the norms ("houlsby") and the modules_to_save."""
     if "_peftkit_adapters" not in vars(model):
         raise ValueError(f"{type(model).__name__} has no adapters: call add_adapters(model) first")
     ids = {id(p) for module in model._peftkit_adapters["trained"] for p in module.parameters()}
@@ -265,20 +273,16 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, path):
     """Write adapter_state_dict(model) and model.adapter_config to one safetensors file; returns its path."""
-    return _adapter_files().write_adapter(adapter_state_dict(model), path, model.adapter_config)
+    return _sibling("adapter_files", "saving").write_adapter(adapter_state_dict(model), path, model.adapter_config)
 
 
 def load_adapter(model: nn.Module, path) -> AdapterConfig:
-    """Load a file written by save_adapter into ``model``; returns the saved config.
-
-    A model without adapters first gets them, with the saved config. Another technique's file,
-    other keys than adapter_state_dict's (a frozen base weight, say), missing keys, another shape
-    or config are a ValueError saying what differs. On that or any other error (an I/O error,
-    an interruption) the model is left as it was."""
+    """Load a file written by save_adapter into ``model`` (one without adapters gets them first, with the saved
+    config); returns that config. Another technique's file, other keys, shapes or config are a ValueError saying
+    what differs; on that or any other error (I/O, an interruption) the model is left as it was."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapter needs a torch.nn.Module, got {type(model).__name__}")
-    files = _adapter_files()
-    tensors, saved = files.read_adapter(path, AdapterConfig)
+    tensors, saved = (files := _sibling("adapter_files", "loading")).read_adapter(path, AdapterConfig)
     added = "_peftkit_adapters" not in vars(model)
     if added:
         add_adapters(model, saved)

@@ -27,7 +27,7 @@ them unchanged; ``load_adapter`` and ``export_peft`` below read and write DoRA's
     save_adapter(model, "dora.safetensors"); export_peft(model, "out/", "bert-base-uncased")
     merge_lora(model)                                         # W' written into each base weight
 
-This file needs ``lora.py`` beside it, with the file it needs, ``targets.py``.
+This file needs ``lora.py`` beside it, with ``targets.py`` and ``lora_files.py`` (saving, loading, exporting).
 """
 
 import json
@@ -161,7 +161,7 @@ def export_peft(model: nn.Module, path, base_model_name_or_path: str | None):
     if not isinstance(lora._lora_config(model), DoRAConfig):
         raise ValueError("the model has no DoRA config (model.adapter_config): call add_dora(model, target_modules); "
                          "for plain LoRA use lora.export_peft")
-    files = lora._sibling("adapter_files")
+    files = lora._sibling("adapter_files", "exporting DoRA")
     with files.atomic_folder(path) as folder:
         lora.export_peft(model, folder, base_model_name_or_path)
         config = json.loads((folder / "adapter_config.json").read_text()) | {"use_dora": True}

@@ -22,7 +22,8 @@ As in Hugging Face peft (whose names and defaults this file uses), any linear la
     model = merge_ia3(model)                           # plain layers again, the vectors folded into W
 
 GPT-2's ``Conv1D`` (W stored as (in, out)) is wrapped the same way. Which layers are wrapped is decided by
-``targets.py`` (peft's rules), which this file needs beside it; saving needs ``adapter_files.py``.
+``targets.py`` (peft's rules), which this file needs beside it with the file it builds on, ``lora.py``; saving needs
+``adapter_files.py``.
 """
 
 import importlib
@@ -36,7 +37,7 @@ from torch import nn
 
 try:
     from . import targets
-except ImportError:  # this file was copied into a project, beside targets.py
+except ImportError:  # this file was copied into a project, beside targets.py and lora.py
     import targets
 
 

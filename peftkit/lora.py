@@ -8,49 +8,40 @@ A frozen linear layer ``y = W x + b`` learns its update as the product of two th
 Trained: ``lora_A`` and ``lora_B`` of every wrapped linear, plus any ``modules_to_save``
 (e.g. a new classifier head). Frozen: everything else, including ``W`` and ``b``.
 
-``B`` starts at zero, so the wrapped model starts out exactly equal to the base model; ``A``
-starts Kaiming-uniform like an ``nn.Linear``, so the very first gradient reaching ``B`` is not
-zero. ``merge()`` folds ``delta W = scaling * B A`` into ``W``: inference then costs what the
-plain linear costs. The names follow Hugging Face peft (``rank`` is peft's ``r``).
+``B`` starts at zero, so the wrapped model starts out equal to the base model; ``A`` starts Kaiming-uniform, so the
+first gradient reaching ``B`` is not zero. ``merge()`` folds ``delta W = scaling * B A`` into ``W``. Names: peft's.
 
     add_lora(model, ["query", "value"], rank=8, alpha=16, modules_to_save=["classifier"])
     ...train...                                       # model.adapter_config: what add_lora did
-    save_adapter(model, "lora.safetensors")           # the trained tensors only; load_adapter reads them
-    export_peft(model, "out/", "sentence-transformers/all-MiniLM-L6-v2")  # peft's format
+    save_adapter(model, "lora.safetensors"); export_peft(model, "out/", "bert-base-uncased")  # ours; peft's format
     model = merge_lora(model)                         # plain nn.Linear layers again
 
-GPT-2's ``Conv1D`` (W stored as (in, out)) gets the same A and B; merging transposes delta W. Embeddings get
-``LoRAEmbedding`` (``lora_layers.py``). Which layers are wrapped is decided by ``targets.py`` (peft's rules).
-This file needs ``targets.py`` beside it (and ``lora_layers.py`` to adapt embeddings).
+GPT-2's ``Conv1D`` (W stored as (in, out)) gets the same A and B; merging transposes delta W. This file needs
+only torch. Beside it, ``targets.py`` adds peft's regex, exclude and layer rules and target suggestions;
+``lora_layers.py`` adapts embeddings; ``lora_files.py`` with ``adapter_files.py`` saves. A missing one is named.
 """
 
 import importlib
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import nn
-
-try:
-    from . import targets
-except ImportError:  # this file was copied into a project, beside targets.py
-    import targets
 
 
 class LoRALinear(nn.Module):
     """A frozen linear ``base`` (nn.Linear, GPT-2's Conv1D, 4-bit) plus a trainable low-rank ``scaling * B A``."""
     def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
-        if targets.layer_kind(base) not in ("linear", "conv1d", "4bit"):
+        if layer_kind(base) not in ("linear", "conv1d", "4bit"):
             raise TypeError(f"LoRALinear wraps an nn.Linear, Conv1D or peftkit 4-bit linear, got {type(base).__name__}")
         LoRAConfig([], rank, alpha, dropout, rslora)  # checks the hyperparameters (LoRAConfig is below)
         self.base, self.rank, self.alpha, self.rslora = base, rank, alpha, rslora
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # peft's name: Conv1D stores W as (in, out), so delta W is transposed to merge (forward is the same)
-        self.fan_in_fan_out = targets.layer_kind(base) == "conv1d"
+        self.fan_in_fan_out = layer_kind(base) == "conv1d"
         in_features, out_features = base.weight.shape if self.fan_in_fan_out else (base.in_features, base.out_features)
         # float32 factors over any base (float64 stays), as in peft: small updates would vanish in bf16/fp16/4 bits
         dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32
@@ -77,17 +68,15 @@ class LoRALinear(nn.Module):
 
     def merged_weight(self) -> torch.Tensor:
         """W + delta W in W's dtype and layout: what ``merge()`` writes into ``base.weight``."""
-        if targets.layer_kind(self.base) == "4bit":
+        if layer_kind(self.base) == "4bit":
             raise TypeError("cannot merge LoRA into a 4-bit base: W + delta W would be re-quantized to 4 bits, "
                             "which rounds most of the small update away; to merge a QLoRA adapter, see peftkit.qlora")
         return (self.base.weight + self.delta_weight()).to(self.base.weight.dtype)
 
-    def merge(self, safe_merge: bool = False) -> None:
-        """Fold delta W into ``base.weight``: ``base.weight = merged_weight()`` (a no-op when already merged)."""
+    def merge(self, safe_merge: bool = False) -> None:  # base.weight = merged_weight() (a no-op when merged)
         merge_lora(self, unload=False, safe_merge=safe_merge)
 
-    def unmerge(self) -> None:
-        """Take delta W back out of ``base.weight`` (a no-op when not merged)."""
+    def unmerge(self) -> None:  # take delta W back out of base.weight (a no-op when not merged)
         if self.merged:
             with torch.no_grad():
                 self.base.weight -= self.delta_weight()
@@ -108,7 +97,7 @@ class LoRAConfig:
     dropout: float = 0.0  # peft's `lora_dropout`, on the LoRA path's input only
     rslora: bool = False  # peft's `use_rslora`: scaling = alpha / sqrt(rank)
     modules_to_save: list[str] = field(default_factory=list)  # full names of modules trained in full
-    exclude_modules: list[str] | str | None = None  # as asked (targets.py); target_modules already leaves them out
+    exclude_modules: list[str] | str | None = None  # as asked (targets.py checks these three, selecting)
     layers_to_transform: list[int] | int | None = None  # as asked; target_modules holds only those layers
     layers_pattern: list[str] | str | None = None  # where layers_to_transform's index is found
     bias: str = "none"  # peft's bias: which biases train too: "none", "all" of them, or "lora_only" (wrapped layers')
@@ -129,12 +118,16 @@ class LoRAConfig:
             raise TypeError(f"rslora must be True or False, got {self.rslora!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only' (peft's choices), got {self.bias!r}")
-        targets.check_selection(self.target_modules, self.exclude_modules, self.layers_to_transform,
-                                self.layers_pattern)
 
 
-def _sibling(name: str):  # adapter_files.py or lora_layers.py: peftkit's own, or the copy beside this file
-    return importlib.import_module(f".{name}", __package__) if __package__ else importlib.import_module(name)
+def _sibling(name: str, needed_for: str):  # peftkit's own, or the copy beside this file; asked for if missing
+    try:
+        return importlib.import_module(f".{name}", __package__) if __package__ else importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name not in (name, f"{__package__}.{name}"):
+            raise
+        raise ModuleNotFoundError(f"{name}.py must be beside lora.py for {needed_for}: copy peftkit/{name}.py "
+                                  "into this folder", name=name) from err
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:  # LoRAEmbedding too: it subclasses LoRALinear
@@ -147,17 +140,76 @@ def _lora_config(model: nn.Module, required: bool = False) -> LoRAConfig | None:
     return config if isinstance(config, LoRAConfig) else None
 
 
+# --- choosing the layers: names, dotted suffixes, "all-linear" (targets.py adds peft's other rules) ---
+HEADS = ("lm_head", "classifier", "score", "logits_proj")  # output heads "all-linear" leaves out (logits_proj: XLNet)
+
+
+def layer_kind(module: nn.Module) -> str | None:  # what LoRA can wrap: linear, conv1d, 4bit, embedding; else None
+    conv1d = type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
+        and module.weight.dim() == 2 and module.weight.shape[1] == getattr(module, "nf", None)  # transformers', by name
+    kinds = {"linear": isinstance(module, nn.Linear), "conv1d": conv1d,  # Conv1D: weight (in, out), y = x @ W + b
+             "4bit": getattr(type(module), "is_peftkit_4bit", False), "embedding": isinstance(module, nn.Embedding)}
+    return next((kind for kind, is_kind in kinds.items() if is_kind), None)
+
+
+def matches(name: str, targets: list) -> bool:  # peft's rule: a full name or its last dotted components
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def inside(name: str, modules) -> bool:  # name is one of the full names `modules`, or inside one of them
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
+def modules_named(model: nn.Module, names) -> list[str]:  # full names of what `names` (names or suffixes) picks
+    found = [n for n, _ in model.named_modules() if n and matches(n, names)]
+    if missing := [t for t in names if not any(matches(n, [t]) for n in found)]:
+        raise ValueError(f"modules_to_save {missing} matched no module; the top-level modules are "
+                         f"{[n for n, _ in model.named_children()]}")
+    return found
+
+
+def select(model: nn.Module, target_modules, exclude_modules=None, layers_to_transform=None, layers_pattern=None,
+           skip=()) -> list[str]:
+    """Full names of the layers ``target_modules`` picks, outside the full names ``skip`` (modules_to_save)."""
+    all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
+    if isinstance(target_modules, str) and not all_linear or (exclude_modules, layers_to_transform, layers_pattern) \
+            != (None, None, None):  # targets.py applies peft's other rules, then comes back here with full names
+        return _sibling("targets", "a str target_modules (a regular expression), exclude_modules or "
+                        "layers_to_transform").select(model, target_modules, exclude_modules, layers_to_transform,
+                                                      layers_pattern, skip)
+    modules = {n: m for n, m in model.named_modules() if n}
+    kinds = {n: layer_kind(m) for n, m in modules.items()}
+    if not (short := sorted({n.rpartition(".")[2] for n, k in kinds.items() if k})):
+        raise ValueError(f"{type(model).__name__} has no nn.Linear, Conv1D, 4-bit linear or nn.Embedding to wrap")
+    if all_linear:
+        heads = [getattr(model, a, None) for a in HEADS] + [getattr(model, "get_output_embeddings", lambda: None)()]
+        heads = [n for n, m in modules.items() if any(m is h for h in heads)]
+        found = [n for n, k in kinds.items() if k in ("linear", "conv1d", "4bit") and not inside(n, heads)]
+    else:
+        unmatched = [t for t in target_modules if not any(matches(n, [t]) for n in modules)]
+        if unmatched or not target_modules:
+            params = [t for t in unmatched if any(matches(n, [t]) for n, _ in model.named_parameters())]
+            family = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+            raise ValueError(f"target_modules {unmatched or list(target_modules)} matched no module"
+                             + (f" ({params} are parameters, not layers: {family} stores them so)" if params
+                                else "") + f". The adaptable layers are named {short} (e.g. "
+                             f"{next(n for n in kinds if kinds[n])!r}); pass such names or 'all-linear'")
+        found = [n for n in modules if matches(n, target_modules)]
+    if not (found := [n for n in found if not inside(n, skip)]):
+        raise ValueError(f"target_modules {target_modules!r} left no layer outside modules_to_save {list(skip)}")
+    if wrong := {n: type(modules[n]).__name__ for n in found if not kinds[n]}:
+        raise TypeError(f"LoRA wraps nn.Linear, Conv1D, 4-bit linear and nn.Embedding layers, but target_modules "
+                        f"matched {wrong}; target the layers inside instead, named {short}")
+    return found
+
+
 def add_lora(model, target_modules, rank=8, alpha=16, dropout=0.0, rslora=False, modules_to_save=(),
              exclude_modules=None, layers_to_transform=None, layers_pattern=None, bias="none"):
-    """Wrap the targeted layers of ``model`` in ``LoRALinear`` (``LoRAEmbedding`` for embeddings), in place;
-    freeze the rest; return ``model``.
-
-    ``target_modules``: names matched exactly or as a dotted suffix (``"query"`` matches
-    ``bert.encoder.layer.0.attention.self.query``), a regular expression (a str), or ``"all-linear"`` (every
-    linear but the output head); ``exclude_modules``, ``layers_to_transform`` and ``layers_pattern`` narrow it
-    down, as in peft (see ``targets.py``). ``modules_to_save``: modules trained in full, e.g. ``["classifier"]``.
-    ``bias``: "none", "all" (every bias trains) or "lora_only" (the wrapped layers' biases). ``model.adapter_config``
-    records what was done. Everything is checked first; on any error the model is left as it was."""
+    """Wrap the targeted layers of ``model`` in ``LoRALinear`` (``LoRAEmbedding`` for embeddings), in place; freeze the
+    rest; return ``model``. ``target_modules``: full names or dotted suffixes (``"query"`` matches ``...self.query``),
+    ``"all-linear"`` (every linear but the output head), or a regular expression; ``exclude_modules``,
+    ``layers_to_transform``, ``layers_pattern`` narrow it (targets.py). ``modules_to_save``: trained in full, e.g.
+    ``["classifier"]``. ``bias``: "none", "all" or "lora_only" (the wrapped layers'). On any error nothing changes."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"add_lora needs a torch.nn.Module, got {type(model).__name__}")
     asked = LoRAConfig([] if isinstance(target_modules, str) else target_modules, rank, alpha, dropout, rslora,
@@ -168,13 +220,14 @@ def add_lora(model, target_modules, rank=8, alpha=16, dropout=0.0, rslora=False,
     if getattr(vars(model).get("adapter_config"), "technique", LoRAConfig.technique) != LoRAConfig.technique:
         raise ValueError(f"the model already carries {model.adapter_config.technique} (model.adapter_config): "
                          "one technique per model; remove it first")
-    modules, saved = dict(model.named_modules()), targets.modules_named(model, asked.modules_to_save)
-    chosen = targets.select(model, target_modules if isinstance(target_modules, str) else asked.target_modules,
-                            exclude_modules, layers_to_transform, layers_pattern, skip=saved)
+    modules, saved = dict(model.named_modules()), modules_named(model, asked.modules_to_save)
+    chosen = select(model, target_modules if isinstance(target_modules, str) else asked.target_modules,
+                    exclude_modules, layers_to_transform, layers_pattern, skip=saved)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
-        wrappers = {name: (_sibling("lora_layers").LoRAEmbedding if targets.layer_kind(modules[name]) == "embedding"
-                           else LoRALinear)(modules[name], rank, alpha, dropout, rslora) for name in chosen}
+        wrappers = {name: (_sibling("lora_layers", "LoRA on an nn.Embedding").LoRAEmbedding
+                           if layer_kind(modules[name]) == "embedding" else LoRALinear)(
+            modules[name], rank, alpha, dropout, rslora) for name in chosen}
         model.requires_grad_(False)
         for name, wrapper in wrappers.items():
             model.set_submodule(name, wrapper)
@@ -206,11 +259,9 @@ def _remove_lora(model: nn.Module, flags: dict | None = None) -> None:  # undo a
 
 
 def merge_lora(model: nn.Module, unload: bool = True, safe_merge: bool = False) -> nn.Module:
-    """Fold every LoRA update into its base weight; returns ``model`` (a no-op without LoRA layers).
-
-    ``unload`` (the default) puts back the plain merged base layers (``model.adapter_config`` goes too);
-    ``unload=False`` keeps the wrappers for ``unmerge_lora``. ``safe_merge`` (peft's) refuses weights with NaN or
-    inf: a ValueError names the layers, and the model stays as it was."""
+    """Fold every LoRA update into its base weight; returns ``model``. ``unload`` (the default) puts back the plain
+    merged base layers (and drops ``model.adapter_config``); ``unload=False`` keeps the wrappers for ``unmerge_lora``.
+    ``safe_merge`` (peft's) refuses NaN or inf weights: a ValueError names the layers; the model stays as it was."""
     layers = [(name, layer) for name, layer in _lora_layers(model) if not layer.merged]
     with torch.no_grad():  # all or nothing: first every merged weight (one extra copy), the model untouched
         merged = [layer.merged_weight() for _, layer in layers]
@@ -226,14 +277,13 @@ def merge_lora(model: nn.Module, unload: bool = True, safe_merge: bool = False) 
     return model
 
 
-def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Undo ``merge_lora(model, unload=False)`` (or ``LoRALinear.merge()``) on every layer."""
+def unmerge_lora(model: nn.Module) -> nn.Module:  # undo merge_lora(model, unload=False) on every layer
     for _, layer in _lora_layers(model):
         layer.unmerge()
     return model
 
 
-# --- saving ---
+# --- saving: lora_files.py writes, reads and exports the files (with adapter_files.py) ---
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What LoRA trains, what a file holds: the LoRA factors, ``modules_to_save`` and the ``bias`` mode's biases."""
     if not (layers := _lora_layers(model)):
@@ -241,60 +291,10 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     saved, biases = getattr(_lora_config(model), "modules_to_save", []), set(_trained_biases(model))
     factors = {f"{n}.{p}" if n else p for n, m in layers for p, _ in m.named_parameters() if p.startswith("lora_")}
     return {n: p.detach() for n, p in model.named_parameters()
-            if n in factors or n in biases or targets.inside(n.rpartition(".")[0], saved)}
+            if n in factors or n in biases or inside(n.rpartition(".")[0], saved)}
 
 
-def save_adapter(model: nn.Module, path):
-    """Write ``adapter_state_dict(model)`` and ``model.adapter_config`` to one safetensors file (adapter_files.py)."""
-    return _sibling("adapter_files").write_adapter(adapter_state_dict(model), path, _lora_config(model, required=True))
-
-
-def load_adapter(model: nn.Module, path, config_class=LoRAConfig, inject=None) -> LoRAConfig:
-    """Load what ``save_adapter`` wrote, injecting LoRA from the saved config if ``model`` has none.
-
-    The file must be LoRA's and hold exactly what LoRA trains, in the model's shapes (else a ValueError names the
-    keys). LoRA with another alpha or rslora than the file's is refused, and so is a merged model; the model keeps
-    its own ``dropout``. On any error the model is left as it came. A field the file predates takes its default."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"load_adapter needs a torch.nn.Module, got {type(model).__name__}")
-    tensors, config = (files := _sibling("adapter_files")).read_adapter(path, config_class)
-    layers, flags = _lora_layers(model), {n: p.requires_grad for n, p in model.named_parameters()}
-    if any(layer.merged for _, layer in layers):  # a later unmerge would take out the new B A, not the merged one
-        raise ValueError("the model's LoRA is merged into its base weights: unmerge_lora(model) before load_adapter")
-    if other := next((m for _, m in layers if (m.alpha, m.rslora) != (config.alpha, config.rslora)), None):
-        raise ValueError(f"{path} was trained with alpha={config.alpha}, rslora={config.rslora}, but the model's "
-                         f"LoRA has alpha={other.alpha}, rslora={other.rslora}, which would scale its update wrongly. "
-                         "Load into a model without LoRA (load_adapter then adds it with the file's config)")
-    if not layers:
-        (inject or add_lora)(model, **asdict(config))  # changes nothing if it fails
-    try:
-        files.copy_tensors(model, tensors, adapter_state_dict(model), source=path, config=asdict(config))
-    except BaseException:
-        if not layers:
-            _remove_lora(model, flags)  # put the model back as it came
-        raise
-    return config
-
-
-def export_peft(model: nn.Module, path, base_model_name_or_path: str | None):
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in Hugging Face peft's format.
-
-    ``peft.PeftModel.from_pretrained(base_model, path)`` then rebuilds the same model. The folder
-    is replaced whole (other files in it are kept): an interrupted export leaves an earlier one intact."""
-    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
-        raise TypeError(f"base_model_name_or_path must be a str or None, got {base_model_name_or_path!r}")
-    wrapped = dict(_lora_layers(model))
-    peft_name = {f"{n}.base.bias": f"{n}.base_layer.bias" for n in wrapped}  # peft's name for the wrapped base
-    tensors = {f"base_model.model.{peft_name.get(k, k)}": v for k, v in adapter_state_dict(model).items()}
-    cfg, files = _lora_config(model, required=True), _sibling("adapter_files")
-    peft_config = {  # peft fills in its defaults for every field left out
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
-        "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
-        "target_modules": cfg.target_modules,  # full names: peft then wraps exactly these layers
-        "modules_to_save": cfg.modules_to_save or None, "inference_mode": True,  # and the fields of the same name:
-        **{k: getattr(cfg, k) for k in ("bias", "exclude_modules", "layers_to_transform", "layers_pattern")},
-        "fan_in_fan_out": any(getattr(m, "fan_in_fan_out", False) for m in wrapped.values())}  # Conv1D (GPT-2)
-    with files.atomic_folder(path) as folder:
-        files.save_tensors(tensors, folder / "adapter_model.safetensors", peft_config)
-        (folder / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
-    return path
+def __getattr__(name: str):  # lora.save_adapter, load_adapter, export_peft: lora_files.py's, found when first used
+    if name in ("save_adapter", "load_adapter", "export_peft"):
+        return getattr(_sibling("lora_files", "saving, loading and exporting"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -157,9 +157,9 @@ def _checked_layers(model: nn.Module, method: str):
     if not everything:
         raise ValueError(f"the model has no LoRA layers: call add_lora(model, target_modules) before init_lora "
                          f"(the SVD of {method} needs the wrapped weights)")
-    family = lora.targets._family(model)
+    family = lora._sibling("targets", "PiSSA and LoftQ")._family(model)
     for name, layer in everything:
-        kind = lora.targets.layer_kind(layer.base)
+        kind = lora.layer_kind(layer.base)
         if not hasattr(layer, "lora_A"):
             raise ValueError(f"{name!r} is an embedding with LoRA: {method} initialises linear layers only; "
                              "leave embeddings out of target_modules")

@@ -30,8 +30,8 @@ the active one (``set_adapter`` moves the incoming one to its layers' device and
     save_adapter(model, "b.safetensors")                        # lora.py's: the active adapter
     load_named_adapter(model, "c.safetensors", "c"); delete_adapter(model, "a")
 
-This file needs ``lora.py`` and ``adapters.py`` beside it, with the files they need: ``targets.py``,
-``lora_layers.py`` and ``adapter_layouts.py``.
+This file needs ``lora.py`` and ``adapters.py`` beside it, with the files they use: ``lora_files.py``,
+``targets.py``, ``lora_layers.py`` and ``adapter_layouts.py``.
 """
 
 import warnings

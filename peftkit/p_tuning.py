@@ -19,7 +19,7 @@ the input's words (e.g. "[P0..Pi] x [Pi+1..Pj] [MASK]"), and keeps some real "an
 in the template (e.g. a "?"). Here, as in peft's ``PromptEncoder``, all N vectors sit in front
 of the input and there are no anchors. Architecture and parameter names follow peft's
 ``PromptEncoder`` (``embedding``, ``lstm_head``, ``mlp_head``), so weights copy across.
-This file needs ``prompt_tuning.py`` and ``prompt_common.py`` beside it.
+This file needs ``prompt_tuning.py`` beside it (and ``prompt_common.py`` for ``export_peft``, peft's format).
 
     model = PTuningModel(classifier, PTuningConfig(num_virtual_tokens=20, kind="lstm"))
     ...train (the encoder and the classifier head)...
@@ -35,11 +35,11 @@ import torch
 from torch import nn
 
 try:
-    from .prompt_tuning import (PromptTuningModel, SoftPrompt, _adapter_files, _check_config, _check_wrapper,
+    from .prompt_tuning import (PromptTuningModel, SoftPrompt, _check_config, _check_wrapper, _sibling,
                                 _module_names, _positive_int, adapter_state_dict, export_peft,  # noqa: F401
                                 save_adapter)
 except ImportError:  # copied into a project as a plain file, beside prompt_tuning.py
-    from prompt_tuning import (PromptTuningModel, SoftPrompt, _adapter_files, _check_config, _check_wrapper,
+    from prompt_tuning import (PromptTuningModel, SoftPrompt, _check_config, _check_wrapper, _sibling,
                                _module_names, _positive_int, adapter_state_dict, export_peft,  # noqa: F401
                                save_adapter)
 
@@ -174,8 +174,7 @@ def load_adapter(model, path) -> PTuningConfig:
     model (its encoder included) is left as it was.
     """
     _check_wrapper(model, PTuningConfig)
-    files = _adapter_files()
-    tensors, saved = files.read_adapter(path, PTuningConfig)
+    tensors, saved = (files := _sibling("adapter_files", "loading")).read_adapter(path, PTuningConfig)
     if model.exported and not saved.exported:
         raise ValueError(f"adapter file {path} holds a prompt encoder, but this model's prompt was exported "
                          "(export_prompt()) and cannot take an encoder back: load it into a new PTuningModel")

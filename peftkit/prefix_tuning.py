@@ -17,8 +17,8 @@ so it is produced by an MLP from a small embedding:
 After training, the MLP is run once and only its output, the key/value table, is kept.
 
 Trained: the prefix encoder (the embedding, and the MLP when ``projection=True``).
-Frozen: every weight of the language model. T5: the decoder's self-attention gets the prefix, as in
-peft (see ``prompt_common.py``, which this file needs beside it; encoders and XLNet take no cache).
+Frozen: every weight of the language model. T5: the decoder's self-attention gets the prefix, as in peft
+(``prompt_common.py`` lays it out; encoders and XLNet take no cache). This file needs ``prompt_tuning.py`` beside it.
 
     model = PrefixTuningModel(causal_lm, num_virtual_tokens=10)  # freezes causal_lm
     model(input_ids=ids, labels=ids).loss.backward()  # gradients reach model.prefix_encoder only
@@ -34,12 +34,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-try:  # shared by the prompt methods: checks, T5's prefix laid out as peft does, export_peft (peft's format)
-    from .prompt_common import _adapter_files, _check_t5_sizes, _positive_int, _t5_prefix_cache, _t5_prefix_forward
-    from .prompt_common import export_peft  # noqa: F401
-except ImportError:  # copied into a project as a plain file, beside prompt_common.py
-    from prompt_common import _adapter_files, _check_t5_sizes, _positive_int, _t5_prefix_cache, _t5_prefix_forward
-    from prompt_common import export_peft  # noqa: F401
+try:  # prompt tuning's checks and sibling finder; export_peft (peft's format, prompt_common.py's)
+    from .prompt_tuning import _positive_int, _sibling, export_peft  # noqa: F401
+except ImportError:  # copied into a project as a plain file, beside prompt_tuning.py
+    from prompt_tuning import _positive_int, _sibling, export_peft  # noqa: F401
 
 
 class PrefixEncoder(nn.Module):
@@ -135,7 +133,7 @@ class PrefixTuningModel(nn.Module):
             self.cache_class = DynamicCache
         kv = self.prefix_encoder().to(next(self.base_model.parameters()).dtype)  # (L, 2, H, P, D), the model's dtype
         if self.is_encoder_decoder:  # T5: the decoder's self-attention only, laid out as peft does
-            return _t5_prefix_cache(kv, batch_size, self.cache_class)
+            return _sibling("prompt_common", "T5").t5_prefix_cache(kv, batch_size, self.cache_class)
         cache = self.cache_class()
         for layer, (keys, values) in enumerate(kv):
             # the same prefix for every sequence in the batch: (H, P, D) -> (B, H, P, D)
@@ -159,8 +157,9 @@ class PrefixTuningModel(nn.Module):
             raise ValueError("pass input_ids (B, T) or inputs_embeds (B, T, hidden_size)")
         batch_size, seq_len = x.shape[:2]
         if self.is_encoder_decoder:  # T5: the encoder and its mask as they are; the decoder's mask gets P ones
-            return _t5_prefix_forward(self, batch_size, attention_mask, position_ids,
-                                      dict(kwargs, input_ids=input_ids, inputs_embeds=inputs_embeds))
+            kwargs.update(input_ids=input_ids, inputs_embeds=inputs_embeds)
+            common = _sibling("prompt_common", "T5")  # peft's T5 layout
+            return common.t5_prefix_forward(self, batch_size, attention_mask, position_ids, kwargs)
         attention_mask, default_positions = self._prefix_inputs(batch_size, seq_len, attention_mask, x.device)
         if position_ids is None:
             position_ids = default_positions
@@ -262,7 +261,8 @@ def _kv_sizes(config) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) of a decoder's config: the prefix's sizes."""
     num_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    _check_t5_sizes(config, num_heads)  # T5's sizes must fit peft's layout
+    if getattr(config, "model_type", None) == "t5":  # T5's sizes must fit peft's layout
+        _sibling("prompt_common", "T5").check_t5_sizes(config, num_heads)
     return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or num_heads, head_dim
 
 
@@ -278,7 +278,7 @@ def adapter_state_dict(model: PrefixTuningModel) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: PrefixTuningModel, path):
     """Write the prefix encoder's tensors and ``model.adapter_config`` to one safetensors file."""
-    return _adapter_files().write_adapter(adapter_state_dict(model), path, model.adapter_config)
+    return _sibling("adapter_files", "saving").write_adapter(adapter_state_dict(model), path, model.adapter_config)
 
 
 def load_adapter(model: PrefixTuningModel, path) -> PrefixTuningConfig:
@@ -288,7 +288,7 @@ def load_adapter(model: PrefixTuningModel, path) -> PrefixTuningConfig:
     length, MLP or not, and a model of the same sizes). On any error the wrapper is left unchanged.
     """
     expected = adapter_state_dict(model).keys()
-    tensors, config = _adapter_files().read_adapter(path, PrefixTuningConfig)
+    tensors, config = (files := _sibling("adapter_files", "loading")).read_adapter(path, PrefixTuningConfig)
     saved, ours = asdict(config), asdict(model.adapter_config)
     differences = [f"{name}: file {v!r}, model {ours[name]!r}" for name, v in saved.items() if v != ours[name]]
     if differences:
@@ -296,5 +296,5 @@ def load_adapter(model: PrefixTuningModel, path) -> PrefixTuningConfig:
                          "Wrap the model it was trained on as PrefixTuningModel(model, num_virtual_tokens="
                          f"{config.num_virtual_tokens}, projection={config.projection}, "
                          f"encoder_hidden_size={config.encoder_hidden_size})")
-    _adapter_files().copy_tensors(model, tensors, expected, source=path, config=saved)
+    files.copy_tensors(model, tensors, expected, source=path, config=saved)
     return config

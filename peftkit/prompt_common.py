@@ -1,7 +1,8 @@
-"""What the three prompt methods share: input checks, T5's place in prefix-tuning, and peft's saved format.
+"""What the three prompt methods share beyond their core: prompt inits from the vocabulary or a phrase, T5's place
+in prefix-tuning, and peft's saved format.
 
-``prompt_tuning.py``, ``p_tuning.py`` and ``prefix_tuning.py`` import this file (copy it along); it needs only
-torch, and ``adapter_files.py`` (with safetensors) to save.
+``prompt_tuning.py``, ``p_tuning.py`` and ``prefix_tuning.py`` work without this file and import it when these are
+asked for (copy it along then); it needs only torch, and ``adapter_files.py`` (with safetensors) to export.
 
 T5 in prefix-tuning, as peft 0.21.2 does it: the prefix goes to the decoder's self-attention only. peft
 builds a table for self- and cross-attention by doubling the L layers' keys and values, splits the
@@ -24,6 +25,7 @@ only the first N in front of the encoder's input; the other N are written as zer
 """
 
 import json
+import math
 
 import torch
 
@@ -31,12 +33,6 @@ PEFT_TYPES = {"prompt_tuning": "PROMPT_TUNING", "p_tuning": "P_TUNING", "prefix_
 # the head names of HF's model classes -> peft's task_type (it picks the PeftModel subclass that loads)
 TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
               "ForQuestionAnswering": "QUESTION_ANS"}
-
-
-def _positive_int(name, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def _adapter_files():
@@ -48,20 +44,32 @@ def _adapter_files():
     return adapter_files
 
 
-def _embeddings(model, input_ids, inputs_embeds):
-    """The input's embeddings (B, T, D): looked up from input_ids, or given as inputs_embeds (exactly one)."""
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("pass exactly one of input_ids (batch, seq_len) or inputs_embeds (batch, seq_len, dim)")
-    if input_ids is not None and input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
-    if inputs_embeds is not None and inputs_embeds.dim() != 3:
-        raise ValueError(f"inputs_embeds must be (batch, seq_len, dim), got shape {tuple(inputs_embeds.shape)}")
-    return model.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
+# --- prompt tuning's "vocab" and "text" inits ---
+
+def _init_token_ids(init, n, token_dim, word_embeddings, init_text, tokenizer) -> torch.Tensor:
+    """The N token ids whose embeddings start the prompt: random ids ("vocab") or a phrase's ("text")."""
+    if word_embeddings is None:
+        raise ValueError(f"init={init!r} copies rows of the model's embedding table: pass word_embeddings="
+                         "model.get_input_embeddings()")
+    if word_embeddings.embedding_dim != token_dim:
+        raise ValueError(f"token_dim={token_dim} does not match the model's embedding size "
+                         f"{word_embeddings.embedding_dim}: use token_dim={word_embeddings.embedding_dim}")
+    if init == "vocab":
+        return torch.randint(0, word_embeddings.num_embeddings, (n,))
+    if tokenizer is None:
+        raise ValueError("init='text' needs the model's tokenizer: pass tokenizer=...")
+    if not init_text:
+        raise ValueError("init='text' needs a phrase to start from: pass init_text='...'")
+    ids = tokenizer(init_text)["input_ids"]  # with special tokens, as peft does
+    if not ids:
+        raise ValueError(f"init_text {init_text!r} tokenizes to no tokens")
+    ids = (ids * math.ceil(n / len(ids)))[:n]  # repeat a short phrase, cut a long one
+    return torch.tensor(ids, dtype=torch.long)
 
 
 # --- T5 in prefix-tuning ---
 
-def _t5_prefix_cache(kv, batch_size, cache_class):
+def t5_prefix_cache(kv, batch_size, cache_class):
     """peft's T5 cache: decoder layer l's self-attention reads table layer 2l mod L; no cross-attention prefix."""
     from transformers import DynamicCache, EncoderDecoderCache
     L, self_attention = len(kv), cache_class()
@@ -71,7 +79,7 @@ def _t5_prefix_cache(kv, batch_size, cache_class):
     return EncoderDecoderCache(self_attention, DynamicCache())  # cross-attention: the encoder's keys, values only
 
 
-def _t5_prefix_forward(wrapper, batch_size, attention_mask, position_ids, kwargs):
+def t5_prefix_forward(wrapper, batch_size, attention_mask, position_ids, kwargs):
     """T5's forward: the encoder and its mask as they are; the decoder's mask gets P ones in front."""
     if position_ids is not None:
         raise ValueError("T5 numbers positions itself (relative attention bias): pass no position_ids")
@@ -83,10 +91,8 @@ def _t5_prefix_forward(wrapper, batch_size, attention_mask, position_ids, kwargs
     return wrapper.base_model(attention_mask=attention_mask, use_cache=True, **kwargs)
 
 
-def _check_t5_sizes(config, num_heads):
+def check_t5_sizes(config, num_heads):
     """peft lays out a T5 prefix with d_model / num_heads per head, for num_layers decoder layers."""
-    if config.model_type != "t5":
-        return
     if config.d_kv * num_heads != config.d_model or config.num_decoder_layers != config.num_layers:
         raise ValueError(f"peft lays out a T5 prefix with head size d_model / num_heads = {config.d_model // num_heads}"
                          f" for num_layers = {config.num_layers} decoder layers; this T5 has d_kv={config.d_kv} and "

@@ -14,30 +14,25 @@ N times -100 in front (no loss on the prompt positions).
 Trained: the N x D prompt only (plus a classifier's fresh head, as peft does for classification).
 Frozen: every weight of the model, including the embedding table.
 
-Initialisation, peft's three options: "random" draws N(0, 1) (far from the scale of real embeddings;
-Lester et al.'s random start is uniform[-0.5, 0.5]); "vocab" copies rows for random token ids of the whole
-vocabulary (theirs: the 5,000 most common); "text" copies a phrase's rows, repeated or cut to N tokens.
+Initialisation, peft's three options: "random" draws N(0, 1) (Lester et al.: uniform[-0.5, 0.5]); "vocab" copies
+the rows of random token ids (theirs: of the 5,000 most common); "text" a phrase's rows, repeated or cut to N.
 
-    model = PromptTuningModel(classifier, num_virtual_tokens=20, init="text",
-                              init_text="Classify the topic:", tokenizer=tokenizer)
+    model = PromptTuningModel(classifier, num_virtual_tokens=20, init="text", init_text="Topic:", tokenizer=tokenizer)
     ...train (the prompt and the classifier head)...
     save_adapter(model, "prompt.safetensors")      # N x D numbers and the head
     load_adapter(PromptTuningModel(fresh_classifier, num_virtual_tokens=20), "prompt.safetensors")
     export_peft(model, "prompt-peft", "bert-base-uncased")  # peft.PeftModel.from_pretrained loads it
-T5 reads the prompt in front of its encoder's input, as in peft. Needs ``prompt_common.py`` beside it.
+T5 reads the prompt in front of its encoder's input, as in peft. This file needs only torch. Beside it,
+``prompt_common.py`` adds the "vocab" and "text" inits and ``export_peft``; ``adapter_files.py`` saves.
 """
 
-import math
+import importlib
 from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-try:  # export_peft: peft's format, shared by the three prompt methods
-    from .prompt_common import _adapter_files, _embeddings, _positive_int, export_peft  # noqa: F401
-except ImportError:  # copied into a project as a plain file, beside prompt_common.py
-    from prompt_common import _adapter_files, _embeddings, _positive_int, export_peft  # noqa: F401
 
 
 class SoftPrompt(nn.Module):
@@ -50,7 +45,8 @@ class SoftPrompt(nn.Module):
         self.num_virtual_tokens, self.token_dim = num_virtual_tokens, token_dim
         self.embedding = nn.Embedding(num_virtual_tokens, token_dim)  # N(0, 1): the "random" init
         if init != "random":  # "vocab" or "text": start from rows of the model's embedding table
-            ids = _init_token_ids(init, num_virtual_tokens, token_dim, word_embeddings, init_text, tokenizer)
+            ids = _sibling("prompt_common", f"init={init!r}")._init_token_ids(init, num_virtual_tokens, token_dim,
+                                                                              word_embeddings, init_text, tokenizer)
             with torch.no_grad():
                 self.embedding.weight.copy_(word_embeddings(ids.to(word_embeddings.weight.device)).float())  # (N, D)
 
@@ -189,25 +185,28 @@ def _module_names(names):
     return None if names is None else list(names)
 
 
-def _init_token_ids(init, n, token_dim, word_embeddings, init_text, tokenizer) -> torch.Tensor:
-    """The N token ids whose embeddings start the prompt: random ids ("vocab") or a phrase's ("text")."""
-    if word_embeddings is None:
-        raise ValueError(f"init={init!r} copies rows of the model's embedding table: pass word_embeddings="
-                         "model.get_input_embeddings()")
-    if word_embeddings.embedding_dim != token_dim:
-        raise ValueError(f"token_dim={token_dim} does not match the model's embedding size "
-                         f"{word_embeddings.embedding_dim}: use token_dim={word_embeddings.embedding_dim}")
-    if init == "vocab":
-        return torch.randint(0, word_embeddings.num_embeddings, (n,))
-    if tokenizer is None:
-        raise ValueError("init='text' needs the model's tokenizer: pass tokenizer=...")
-    if not init_text:
-        raise ValueError("init='text' needs a phrase to start from: pass init_text='...'")
-    ids = tokenizer(init_text)["input_ids"]  # with special tokens, as peft does
-    if not ids:
-        raise ValueError(f"init_text {init_text!r} tokenizes to no tokens")
-    ids = (ids * math.ceil(n / len(ids)))[:n]  # repeat a short phrase, cut a long one
-    return torch.tensor(ids, dtype=torch.long)
+def _positive_int(name, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _sibling(name: str, needed_for: str):  # prompt_common.py or adapter_files.py: peftkit's, or the copy beside
+    try:  # (prefix_tuning.py and p_tuning.py use it too)
+        return importlib.import_module(f".{name}", __package__) if __package__ else importlib.import_module(name)
+    except ModuleNotFoundError as err:  # that file itself is missing (not one it imports): say which to copy
+        missing = ModuleNotFoundError(f"{needed_for} needs {name}.py in this folder: copy peftkit/{name}.py", name=name)
+        raise missing if err.name in (name, f"{__package__}.{name}") else err
+
+
+def _embeddings(model, input_ids, inputs_embeds):  # (B, T, D): looked up from input_ids, or given (exactly one)
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids (batch, seq_len) or inputs_embeds (batch, seq_len, dim)")
+    if input_ids is not None and input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+    if inputs_embeds is not None and inputs_embeds.dim() != 3:
+        raise ValueError(f"inputs_embeds must be (batch, seq_len, dim), got shape {tuple(inputs_embeds.shape)}")
+    return model.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
 
 
 def _max_positions(model):
@@ -257,8 +256,7 @@ def _modules_to_save(model, names):
 
 # --- saving ---
 
-def _check_wrapper(model, config_class=None):
-    """``model`` is a PromptTuningModel (or PTuningModel) carrying ``config_class``'s technique."""
+def _check_wrapper(model, config_class=None):  # a PromptTuningModel (or PTuningModel) carrying config_class's
     if not isinstance(model, PromptTuningModel):
         raise TypeError(f"expected a PromptTuningModel or PTuningModel, got {type(model).__name__}: wrap the "
                         "model first, e.g. PromptTuningModel(model, num_virtual_tokens=...)")
@@ -268,8 +266,7 @@ def _check_wrapper(model, config_class=None):
                          f"its files with load_adapter from {carried}.py")
 
 
-def _check_config(path, saved, config, fields):
-    """Refuse a file whose config differs from the model's in ``fields``, naming each difference."""
+def _check_config(path, saved, config, fields):  # refuse a file whose config differs in `fields`, naming each
     differ = [f"{f} (file {getattr(saved, f)!r}, model {getattr(config, f)!r})" for f in fields
               if getattr(saved, f) != getattr(config, f)]
     if differ:
@@ -285,7 +282,7 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
 
 def save_adapter(model, path):
     """Write the trained tensors and ``model.adapter_config`` to one safetensors file; returns its Path."""
-    return _adapter_files().write_adapter(adapter_state_dict(model), path, model.adapter_config)
+    return _sibling("adapter_files", "saving").write_adapter(adapter_state_dict(model), path, model.adapter_config)
 
 
 def load_adapter(model, path) -> PromptTuningConfig:
@@ -293,8 +290,11 @@ def load_adapter(model, path) -> PromptTuningConfig:
     num_virtual_tokens, token_dim and modules_to_save (any init); returns the file's config.
     Every check runs before anything is copied, and the copy is all or nothing."""
     _check_wrapper(model, PromptTuningConfig)
-    files = _adapter_files()
-    tensors, saved = files.read_adapter(path, PromptTuningConfig)
+    tensors, saved = (files := _sibling("adapter_files", "loading")).read_adapter(path, PromptTuningConfig)
     _check_config(path, saved, model.adapter_config, ("num_virtual_tokens", "token_dim", "modules_to_save"))
     files.copy_tensors(model, tensors, source=path, config=asdict(saved))
     return saved
+
+
+def export_peft(model, path, base_model_name_or_path: str | None):  # peft's two files (prompt_common.py writes them)
+    return _sibling("prompt_common", "export_peft").export_peft(model, path, base_model_name_or_path)

@@ -17,8 +17,7 @@ kept in float32. The paper's third part, paged optimizers, only matters on a GPU
 Merging into the 4-bit base is possible but lossy: NF4(W + delta W) is re-rounded to the same
 coarse grid, and delta W is usually far smaller than a grid step, so most of it is rounded
 away (``requantized_update_error`` measures how much). Merging into the original float
-weights keeps the update whole. This file needs ``lora.py`` (with its ``targets.py``) and ``nf4.py``
-beside it.
+weights keeps the update whole. This file needs ``lora.py`` and ``nf4.py`` beside it (and only torch).
 """
 
 import torch

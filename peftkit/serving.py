@@ -29,8 +29,8 @@ A layer that flattens the batch away before a wrapped linear would break the rou
 ``adapter_bytes`` gives what each adapter costs in memory (or a saved adapter on disk) beside the base model;
 ``latency`` times the same call served base, unmerged, merged and as a mixed batch (median of ``repeats`` runs).
 
-This file needs ``lora.py`` and ``multi_adapter.py`` beside it, with the files they need: ``targets.py``,
-``lora_layers.py``, ``adapters.py`` and ``adapter_layouts.py``.
+This file needs ``lora.py`` and ``multi_adapter.py`` beside it, with the files they use: ``lora_files.py``,
+``targets.py``, ``lora_layers.py``, ``adapters.py`` and ``adapter_layouts.py``.
 """
 
 import os

@@ -14,30 +14,22 @@ written for peft picks the same layers here:
 
 Names differ per family: ``suggest_targets(model)`` gives the query/value projections (BERT's query/value,
 Llama's q_proj/v_proj, GPT-2's fused c_attn, T5's q/v) and ``adaptable_layers(model)`` lists every layer LoRA
-can wrap. This file needs only torch: transformers' ``Conv1D`` (GPT-2's linear layer, ``y = x W + b`` with W
-stored as (in, out)) is recognised by its class name and weight shape.
+can wrap. The plain rules (names, dotted suffixes, "all-linear") and ``layer_kind`` are ``lora.py``'s, which this
+file needs beside it and builds on; ``lora.add_lora`` comes here for the others. Both need only torch.
 """
 
 import re
 
 from torch import nn
 
+try:
+    from . import lora
+    from .lora import HEADS, inside, layer_kind, modules_named  # noqa: F401  (ia3.py and dora.py use them from here)
+except ImportError:  # copied into a project as plain files, beside lora.py
+    import lora
+    from lora import HEADS, inside, layer_kind, modules_named  # noqa: F401
+
 QUERY_VALUE = [["query", "value"], ["q_proj", "v_proj"], ["c_attn"], ["q", "v"]]  # BERT-like, Llama-like, GPT-2, T5
-HEADS = ("lm_head", "classifier", "score", "logits_proj")  # output heads "all-linear" leaves out (logits_proj: XLNet)
-
-
-def layer_kind(module: nn.Module) -> str | None:
-    """The kind of layer LoRA can wrap: linear, conv1d (GPT-2), 4bit (peftkit), embedding; None otherwise."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
-            and module.weight.dim() == 2 and module.weight.shape[1] == getattr(module, "nf", None):
-        return "conv1d"  # weight (in, out): forward is x @ W + b
-    if getattr(type(module), "is_peftkit_4bit", False):
-        return "4bit"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    return None
 
 
 class LayerTable(dict):
@@ -55,7 +47,6 @@ def adaptable_layers(model: nn.Module) -> LayerTable:
 
 def _family(model: nn.Module) -> str:
     return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
-
 
 def suggest_targets(model: nn.Module) -> list[str]:
     """The query and value projections by the names peft's users pass as ``target_modules`` (the LoRA paper's
@@ -77,13 +68,7 @@ def suggest_targets(model: nn.Module) -> list[str]:
 
 
 def matches(name: str, targets) -> bool:  # peft: a str is a regex on the whole name; a list, names or suffixes
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def inside(name: str, modules) -> bool:  # name is one of the full names `modules`, or inside one of them
-    return any(name == m or name.startswith(m + ".") for m in modules)
+    return re.fullmatch(targets, name) is not None if isinstance(targets, str) else lora.matches(name, targets)
 
 
 def _layer_index(name: str, layers_pattern) -> int | None:  # peft's rule: the first number after a component
@@ -93,15 +78,6 @@ def _layer_index(name: str, layers_pattern) -> int | None:  # peft's rule: the f
         if match:
             return int(match.group(1))
     return None
-
-
-def modules_named(model: nn.Module, names) -> list[str]:
-    """Full names of the modules that ``names`` (a list: full names or dotted suffixes) pick, e.g. modules_to_save."""
-    found = [n for n, _ in model.named_modules() if n and matches(n, names)]
-    if missing := [t for t in names if not any(matches(n, [t]) for n in found)]:
-        raise ValueError(f"modules_to_save {missing} matched no module; the top-level modules are "
-                         f"{[n for n, _ in model.named_children()]}")
-    return found
 
 
 def check_selection(target_modules, exclude_modules, layers_to_transform, layers_pattern) -> None:
@@ -130,48 +106,30 @@ def check_selection(target_modules, exclude_modules, layers_to_transform, layers
 def select(model: nn.Module, target_modules, exclude_modules=None, layers_to_transform=None, layers_pattern=None,
            skip=()) -> list[str]:
     """Full names of the modules ``target_modules`` picks (see the module docstring), outside the full names
-    ``skip`` (modules_to_save). Checks the arguments first; a target that matches nothing names the layers that
-    exist, one that matches a layer LoRA cannot wrap names its type."""
-    modules = {n: m for n, m in model.named_modules() if n}
+    ``skip`` (modules_to_save). Checks the arguments first; names and "all-linear" are ``lora.select``'s, with its
+    errors (a target that matches nothing names the layers that exist); the other rules narrow its choice."""
+    modules = [n for n, _ in model.named_modules() if n]
     if isinstance(target_modules, str) and any(matches(n, [target_modules]) for n in modules):
         target_modules = [target_modules]  # a str naming modules is that name (peft would find nothing)
     check_selection(target_modules, exclude_modules, layers_to_transform, layers_pattern)
-    kinds = {n: layer_kind(m) for n, m in modules.items()}
-    short = sorted({n.rpartition(".")[2] for n, k in kinds.items() if k})
-    if not short:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear, Conv1D, 4-bit linear or nn.Embedding to wrap")
-    if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
-        heads = [getattr(model, a, None) for a in HEADS] + [getattr(model, "get_output_embeddings", lambda: None)()]
-        heads = [n for n, m in modules.items() if any(m is h for h in heads)]
-        found = [n for n, k in kinds.items() if k in ("linear", "conv1d", "4bit") and not inside(n, heads)]
-    elif isinstance(target_modules, str):
+    if isinstance(target_modules, str) and target_modules.lower() != "all-linear":
         if not (found := [n for n in modules if matches(n, target_modules)]):
+            short = sorted({n.rpartition(".")[2] for n in adaptable_layers(model)})
             raise ValueError(f"the regular expression {target_modules!r} matches no whole module name. The "
-                             f"adaptable layers are named {short} (e.g. {next(n for n in kinds if kinds[n])!r})")
+                             f"adaptable layers are named {short} (e.g. {next(iter(adaptable_layers(model)), None)!r})")
+        found = lora.select(model, found)  # full names now: lora.select refuses a layer it cannot wrap
     else:
-        unmatched = [t for t in target_modules if not any(matches(n, [t]) for n in modules)]
-        if unmatched or not target_modules:
-            params = [t for t in unmatched if any(matches(n, [t]) for n, _ in model.named_parameters())]
-            raise ValueError(f"target_modules {unmatched or list(target_modules)} matched no module"
-                             + (f" ({params} are parameters, not layers: {_family(model)} stores them so)" if params
-                                else "") + f". The adaptable layers are named {short} (e.g. "
-                             f"{next(n for n in kinds if kinds[n])!r}); pass such names or 'all-linear'")
-        found = [n for n in modules if matches(n, target_modules)]
-        if layers_to_transform is not None:  # peft: a full name given as such is kept whatever its layer
-            keep = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
-            index = {n: _layer_index(n, layers_pattern) for n in found}
-            if not any(index[n] in keep or n in target_modules for n in found):
-                raise ValueError(f"layers_to_transform={layers_to_transform!r} (layers_pattern={layers_pattern!r}) "
-                                 f"kept none of {target_modules}: their layer indices are "
-                                 f"{sorted({i for i in index.values() if i is not None})}")
-            found = [n for n in found if index[n] in keep or n in target_modules]
-    if exclude_modules:
-        found = [n for n in found if not matches(n, exclude_modules)]
-    found = [n for n in found if not inside(n, skip)]
+        found = lora.select(model, target_modules)
+    if layers_to_transform is not None:  # peft: a full name given as such is kept whatever its layer
+        keep = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
+        index = {n: _layer_index(n, layers_pattern) for n in found}
+        if not any(index[n] in keep or n in target_modules for n in found):
+            raise ValueError(f"layers_to_transform={layers_to_transform!r} (layers_pattern={layers_pattern!r}) "
+                             f"kept none of {target_modules}: their layer indices are "
+                             f"{sorted({i for i in index.values() if i is not None})}")
+        found = [n for n in found if index[n] in keep or n in target_modules]
+    found = [n for n in found if not (exclude_modules and matches(n, exclude_modules)) and not inside(n, skip)]
     if not found:
         raise ValueError(f"target_modules {target_modules!r} left no layer to wrap outside exclude_modules "
                          f"{exclude_modules!r} and modules_to_save {list(skip)}")
-    if wrong := {n: type(modules[n]).__name__ for n in found if not kinds[n]}:
-        raise TypeError(f"LoRA wraps nn.Linear, Conv1D, 4-bit linear and nn.Embedding layers, but target_modules "
-                        f"matched {wrong}; target the layers inside instead, named {short}")
     return found

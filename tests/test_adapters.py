@@ -472,10 +472,12 @@ def import_copy(module, path):
     return copied
 
 
-def copy_beside_layouts(tmp_path, monkeypatch):  # the family tables are the one sibling the file needs
+def copy_beside_layouts(tmp_path, monkeypatch):  # adapters.py, with the other families' tables beside it
+    alone = import_copy(peftkit.adapters, tmp_path / "adapters.py")
+    monkeypatch.setitem(sys.modules, "adapters", alone)  # what adapter_layouts.py's `import adapters` finds
     beside = import_copy(peftkit.adapter_layouts, tmp_path / "adapter_layouts.py")
     monkeypatch.setitem(sys.modules, "adapter_layouts", beside)  # what `import adapter_layouts` finds
-    return import_copy(peftkit.adapters, tmp_path / "my_adapters.py")
+    return alone
 
 
 def test_file_works_when_copied_beside_adapter_layouts_only(tmp_path, monkeypatch):

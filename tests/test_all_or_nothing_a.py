@@ -512,20 +512,23 @@ def copied_lora(folder, *siblings):
     import importlib.util
     import shutil
 
-    for name in ("targets.py", *siblings):  # lora.py's docstring names targets.py as the file it needs
+    for name in siblings:  # lora.py needs only torch; its docstring names the files that add features
         shutil.copy(os.path.join(os.path.dirname(lora.__file__), name), folder)
-    spec = importlib.util.spec_from_file_location("my_lora", shutil.copy(lora.__file__, folder / "my_lora.py"))
+    spec = importlib.util.spec_from_file_location("lora", shutil.copy(lora.__file__, folder / "lora.py"))
     alone = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(folder))  # the project's folder, where its `import targets` finds the copy
-    try:
-        spec.loader.exec_module(alone)
-    finally:
-        sys.path.remove(str(folder))
-        sys.modules.pop("targets", None)
+    sys.modules["lora"] = alone  # what a copied sibling's `import lora` finds, as in the project
+    spec.loader.exec_module(alone)
     return alone
 
 
-def test_copied_lora_file_still_works_alone(tmp_path):
+@pytest.fixture
+def forget_copies():
+    yield
+    for name in ("lora", "targets", "lora_files", "adapter_files"):
+        sys.modules.pop(name, None)
+
+
+def test_copied_lora_file_still_works_alone(tmp_path, forget_copies):
     alone = copied_lora(tmp_path)
     model = alone.add_lora(tiny_bert(), ["query"], alpha=4)
     with pytest.raises(ValueError, match="finite"):
@@ -533,14 +536,19 @@ def test_copied_lora_file_still_works_alone(tmp_path):
     assert copy.deepcopy(model).adapter_config.alpha == 4
 
 
-def test_copied_lora_file_saves_only_with_adapter_files_beside_it(tmp_path, monkeypatch, request):
+def test_copied_lora_file_saves_only_with_lora_files_and_adapter_files_beside_it(tmp_path, monkeypatch,
+                                                                                 forget_copies):
+    import importlib
+    import shutil
+
     alone = copied_lora(tmp_path)
     model = randomize_(alone.add_lora(tiny_bert(), ["query"], alpha=4))
-    with pytest.raises(ImportError, match="adapter_files"):
-        alone.save_adapter(model, tmp_path / "a.safetensors")
-    copied_lora(tmp_path, "adapter_files.py")
-    monkeypatch.syspath_prepend(str(tmp_path))  # the project's folder, where `import adapter_files` finds it
-    request.addfinalizer(lambda: sys.modules.pop("adapter_files", None))  # and forgotten after the test
+    monkeypatch.syspath_prepend(str(tmp_path))  # the project's folder, where `import lora_files` finds the copies
+    for missing in ("lora_files", "adapter_files"):
+        with pytest.raises(ImportError, match=f"{missing}.py must be beside lora.py"):
+            alone.save_adapter(model, tmp_path / "a.safetensors")
+        shutil.copy(os.path.join(os.path.dirname(lora.__file__), f"{missing}.py"), tmp_path)
+        importlib.invalidate_caches()
     path = alone.save_adapter(model, tmp_path / "a.safetensors")
     fresh = tiny_bert()
     assert alone.load_adapter(fresh, path) == model.adapter_config

@@ -418,7 +418,7 @@ def test_saving_and_loading_take_the_wrapper_not_the_language_model(call, tmp_pa
 
 
 def test_the_file_works_alone_with_torch_only(tmp_path, monkeypatch):
-    for name in ("prefix_tuning.py", "prompt_common.py"):  # the file and the sibling its docstring names
+    for name in ("prefix_tuning.py", "prompt_tuning.py"):  # the file and the sibling its docstring names
         shutil.copy(Path(__file__).parents[1] / "peftkit" / name, tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     spec = importlib.util.spec_from_file_location("prefix_tuning_alone", tmp_path / "prefix_tuning.py")
