@@ -22,7 +22,7 @@ import torch
 from torch.testing import assert_close
 
 import families
-from peftkit import adapters, lora, p_tuning, prefix_tuning, prompt_tuning, qlora
+from peftkit import adapters, dora, ia3, lora, p_tuning, prefix_tuning, prompt_tuning, qlora
 
 RANK, ALPHA, N = 4, 8, 4  # LoRA rank and alpha; virtual tokens of the prompt methods
 HEADS = {"xlnet": ["logits_proj"], "t5": ["lm_head"], "gpt2": ["lm_head"], "llama": ["lm_head"]}
@@ -69,12 +69,13 @@ def check_round_trip(module, model, build, family, folder):
         assert torch.equal(logits(fresh, family), logits(model, family))
 
 
-def randomize(model, pattern="lora_B"):
-    """LoRA's B starts at zero, so B A = 0 and every output would match anyway: give it values."""
+def randomize(model, pattern="lora_B", mean=0.0):
+    """LoRA's B starts at zero, so B A = 0 and every output would match anyway: give it values ((IA)³'s vectors
+    start at ones: around ``mean`` 1, so that the layers they scale still carry the signal)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if pattern in name:
-                p.normal_(0, 0.5)
+                p.normal_(mean, 0.5)
     return model
 
 
@@ -112,6 +113,44 @@ def _qlora(family):
         lora.load_adapter(float_lora, lora.save_adapter(model, Path(folder) / "qlora.safetensors"))
     with torch.no_grad():
         close(logits(qlora.merge_into_float(model, families.build(family)), family), logits(float_lora, family))
+
+
+def _peft_outputs(module, model, family, out):
+    """``module.export_peft`` of ``model``, loaded by peft into a fresh model: the same outputs as ``out``."""
+    with tempfile.TemporaryDirectory() as folder:
+        module.export_peft(model, Path(folder) / "peft", None)
+        theirs = quietly(lambda: peft.PeftModel.from_pretrained(families.build(family), Path(folder) / "peft"))
+        with torch.no_grad():
+            close(logits(theirs, family), out)
+
+
+def _dora(family):  # DoRA on every linear layer (dora.py: LoRA's wrapper plus a magnitude per output)
+    build = lambda: dora.add_dora(families.build(family), "all-linear", rank=RANK, alpha=ALPHA)  # noqa: E731
+    model = randomize(build())
+    out = check_training(model, family, lora.adapter_state_dict(model), lambda n: "lora_" in n)
+    with tempfile.TemporaryDirectory() as folder:
+        check_round_trip(dora, model, build, family, folder)
+    _peft_outputs(dora, model, family, out)
+    with torch.no_grad():
+        close(logits(dora.merge_lora(model), family), out)
+
+
+# (IA)³'s targets where peft has no default for the family: the same roles, named (keys, values, feed-forward)
+IA3_TARGETS = {"electra": (["key", "value", "output.dense"], ["output.dense"]),
+               "albert": (["key", "value", "ffn_output"], ["ffn_output"]),
+               "xlnet": (["layer_2"], ["layer_2"])}  # XLNet's keys and values are parameters: its feed-forward only
+
+
+def _ia3(family):
+    targets, feedforward = IA3_TARGETS.get(family, (None, None))  # None: peft's default for the family
+    build = lambda: ia3.add_ia3(families.build(family), targets, feedforward)  # noqa: E731
+    model = randomize(build(), "ia3_l", mean=1.0)
+    out = check_training(model, family, ia3.adapter_state_dict(model), lambda n: n.endswith("ia3_l"))
+    with tempfile.TemporaryDirectory() as folder:
+        check_round_trip(ia3, model, build, family, folder)
+    _peft_outputs(ia3, model, family, out)
+    with torch.no_grad():
+        close(logits(ia3.merge_ia3(model), family), out)
 
 
 # --- bottleneck adapters (peft has none; tests/test_adapters.py checks them against the formula) ---
@@ -178,6 +217,8 @@ TECHNIQUES = {
     "P-tuning (MLP)": _p_tuning,
     "prefix-tuning": _prefix_tuning,
     "QLoRA": _qlora,
+    "DoRA all-linear": _dora,
+    "(IA)³": _ia3,
 }
 
 # What the matrix says for a refusal, by a phrase of its message (else the message's first clause).

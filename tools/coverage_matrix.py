@@ -25,7 +25,9 @@ import matrix_checks  # noqa: E402
 START, END = "<!-- matrix:start -->", "<!-- matrix:end -->"
 QUIRKS = {  # family -> footnote
     "albert": "ALBERT has one layer whose weights every pass reuses: it gets one set of adapters (LoRA "
-              "pairs, ...), shared by every pass, so it trains as many numbers as a 1-layer model would.",
+              "pairs, ...), shared by every pass, so it trains as many numbers as a 1-layer model would. peft has no "
+              "(IA)³ default for ALBERT, ELECTRA or XLNet: the check names the same roles (keys, values, the "
+              "feed-forward's second layer; XLNet: its feed-forward only).",
     "xlnet": "XLNet keeps its attention projections q, k, v, o as parameters used in einsums, not as linear "
              "layers: LoRA q/v has no module to wrap (\"all-linear\" adapts its feed-forward), and Houlsby's adapter "
              "after attention has none to follow.",
