@@ -449,9 +449,9 @@ def merged(recorded: dict, new: dict) -> dict:
     out = dict(recorded)
     for table in ("topic_classification", "generation"):
         rows = {r["method"]: r for r in recorded.get(table, [])}
-        rows.update({r["method"]: r for r in new.get(table, [])})
-        order = list(RECIPES) if table == "topic_classification" else list(rows)
-        out[table] = sorted(rows.values(), key=lambda r: order.index(r["method"]) if r["method"] in order else 0)
+        rows.update({r["method"]: r for r in new.get(table, [])})  # a new method goes last
+        out[table] = list(rows.values())
+    out["topic_classification"].sort(key=lambda r: list(RECIPES).index(r["method"]))  # every row is a recipe's
     out["merged_runs"] = recorded.get("merged_runs", []) + [{
         "methods": [r["method"] for table in ("topic_classification", "generation") for r in new.get(table, [])],
         "environment": new["environment"], "settings": new["settings"], "wall_seconds": new["wall_seconds"]}]

@@ -55,7 +55,7 @@ SEEDS = (0, 1, 2)
 RANKS = (1, 4, 16, 64)
 BOTTLENECKS = (2, 8, 32, 128)
 RATES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-LORA_PLUS = 16  # B's rate over A's (the LoRA+ paper's suggestion, 2^4)
+LORA_PLUS = recipes.LORAPLUS_RATIO  # B's rate over A's: the LoRA+ recipe's (the paper's 2^4)
 DECODER_GRID = (1e-3, 3e-3, 1e-2)
 
 

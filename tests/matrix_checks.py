@@ -81,16 +81,22 @@ def randomize(model, pattern="lora_B", mean=0.0):
 
 # --- LoRA and QLoRA ---
 
+def _peft_outputs(module, model, family, out):
+    """``module.export_peft`` of ``model``, loaded by peft into a fresh model: the same outputs as ``out``."""
+    with tempfile.TemporaryDirectory() as folder:
+        module.export_peft(model, Path(folder) / "peft", None)
+        theirs = quietly(lambda: peft.PeftModel.from_pretrained(families.build(family), Path(folder) / "peft"))
+        with torch.no_grad():
+            close(logits(theirs, family), out)
+
+
 def _lora(family, targets):
     model = randomize(lora.add_lora(families.build(family), targets, rank=RANK, alpha=ALPHA))
     out = check_training(model, family, lora.adapter_state_dict(model), lambda n: "lora_" in n)
     with tempfile.TemporaryDirectory() as folder:
         check_round_trip(lora, model, lambda: lora.add_lora(families.build(family), targets, RANK, ALPHA),
                          family, folder)
-        lora.export_peft(model, Path(folder) / "peft", None)  # peft's LoRA with our A and B: its outputs
-        theirs = quietly(lambda: peft.PeftModel.from_pretrained(families.build(family), Path(folder) / "peft"))
-        with torch.no_grad():
-            close(logits(theirs, family), out)
+    _peft_outputs(lora, model, family, out)  # peft's LoRA with our A and B: its outputs
     if targets == "all-linear":  # what we wrap, peft's "all-linear" wraps too (peft may add the head)
         theirs = quietly(lambda: peft.get_peft_model(families.build(family), peft.LoraConfig(
             r=RANK, target_modules="all-linear")))
@@ -113,15 +119,6 @@ def _qlora(family):
         lora.load_adapter(float_lora, lora.save_adapter(model, Path(folder) / "qlora.safetensors"))
     with torch.no_grad():
         close(logits(qlora.merge_into_float(model, families.build(family)), family), logits(float_lora, family))
-
-
-def _peft_outputs(module, model, family, out):
-    """``module.export_peft`` of ``model``, loaded by peft into a fresh model: the same outputs as ``out``."""
-    with tempfile.TemporaryDirectory() as folder:
-        module.export_peft(model, Path(folder) / "peft", None)
-        theirs = quietly(lambda: peft.PeftModel.from_pretrained(families.build(family), Path(folder) / "peft"))
-        with torch.no_grad():
-            close(logits(theirs, family), out)
 
 
 def _dora(family):  # DoRA on every linear layer (dora.py: LoRA's wrapper plus a magnitude per output)
