@@ -15,7 +15,7 @@ LAB_DIR ?= notebooks
 WHEELS ?=
 WHEEL_DIR ?= wheels
 WHEEL_REQS ?= pip "setuptools>=77" "$(TORCH)" ".[course,dev]"
-PIP = $(BIN)/python -m pip install --quiet $(if $(WHEELS),--no-index --find-links "$(abspath $(WHEELS))")
+PIP = $(BIN)/python -m pip install --quiet$(if $(WHEELS), --no-index --find-links "$(abspath $(WHEELS))")
 
 .PHONY: setup lab test clean adapterhub-fixtures handouts wheels print-pip
 
