@@ -19,14 +19,16 @@ def pytest_runtest_logreport(report):
         _grading[graded.group(1)] = report.duration
 
 
+def _section(terminalreporter, title, seconds, total):
+    terminalreporter.section(title)
+    for name, value in sorted(seconds.items()):
+        terminalreporter.write_line(f"{name:<28}{value / 60:6.1f} min")
+    terminalreporter.write_line(f"{total:<28}{sum(seconds.values()) / 60:6.1f} min")
+
+
 def pytest_terminal_summary(terminalreporter):
     if _seconds:
-        terminalreporter.section("notebook run times")
-        for name, seconds in sorted(_seconds.items()):
-            terminalreporter.write_line(f"{name:<28}{seconds / 60:6.1f} min")
-        terminalreporter.write_line(f"{'the whole course':<28}{sum(_seconds.values()) / 60:6.1f} min")
+        _section(terminalreporter, "notebook run times", _seconds, "the whole course")
     if _grading:
-        terminalreporter.section("handout grading times (the learner's copy, every exercise checked)")
-        for name, seconds in sorted(_grading.items()):
-            terminalreporter.write_line(f"{name:<28}{seconds / 60:6.1f} min")
-        terminalreporter.write_line(f"{'all handouts':<28}{sum(_grading.values()) / 60:6.1f} min")
+        _section(terminalreporter, "handout grading times (the learner's copy, every exercise checked)",
+                 _grading, "all handouts")
